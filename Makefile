@@ -1,0 +1,69 @@
+# prosody-native developer Makefile.
+#   make              build every native engine into build/prosody_native/
+#   make check        build, then run every test (unit, integration, install paths)
+#   make check-asan   the same tests with the engines built with ASan + UBSan
+#   make bench        benchmarks, side by side with the Prosody drivers they replace
+#   make demo         the local webchat demo (see README)
+#   make install      shims to $(PLUGINDIR), engines to $(LUA_CMOD)/prosody_native
+# The rockspec builds the same sources for luarocks; flags live here and there.
+
+PREFIX    ?= /usr/local
+LUA_CMOD  ?= $(PREFIX)/lib/lua/5.4
+LUA_LMOD  ?= $(PREFIX)/share/lua/5.4
+PLUGINDIR ?= $(PREFIX)/lib/prosody/modules
+DESTDIR   ?=
+
+CC        ?= cc
+OPTFLAGS  ?= -O2 -g
+WARNFLAGS  = -std=c99 -Wall -Wextra -Wshadow -pedantic -Wformat=2 \
+             -Wmissing-prototypes -Wstrict-prototypes -Wpointer-arith -Wcast-qual
+LUA_CFLAGS := $(shell pkg-config --cflags lua5.4 2>/dev/null || echo -I/usr/include/lua5.4)
+ALL_CFLAGS = $(OPTFLAGS) $(WARNFLAGS) $(EXTRA_CFLAGS) -fPIC -D_GNU_SOURCE $(LUA_CFLAGS)
+LDFLAGS_SO = -shared $(EXTRA_LDFLAGS)
+
+BUILD     ?= build
+ENGINES    = archive
+SOS        = $(ENGINES:%=$(BUILD)/prosody_native/%.so)
+
+archive_LIBS = -lsqlite3 -lpthread
+
+.PHONY: all check check-asan bench demo install uninstall deps clean asan-build
+all: $(SOS)
+
+$(BUILD)/prosody_native/%.so: csrc/%.c csrc/pn_common.h
+	@mkdir -p $(@D)
+	$(CC) $(ALL_CFLAGS) $(LDFLAGS_SO) -o $@ $< $($*_LIBS)
+
+# Installs the Debian packages the tests need when run as root; says what is missing otherwise.
+deps:
+	@sh spec/deps.sh test
+
+check: deps all
+	@sh spec/run
+
+ASAN_FLAGS = -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
+asan-build:
+	$(MAKE) BUILD=build-asan EXTRA_CFLAGS="$(ASAN_FLAGS)" EXTRA_LDFLAGS="$(ASAN_FLAGS)" OPTFLAGS="-O1 -g" all
+
+check-asan: deps asan-build
+	@PN_BUILD=build-asan PN_PRELOAD="$$($(CC) -print-file-name=libasan.so) $$($(CC) -print-file-name=libubsan.so)" \
+	 ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:halt_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
+	 sh spec/run
+
+bench: deps all
+	@sh bench/run
+
+demo: all
+	@sh demo/run
+
+install: all
+	install -d $(DESTDIR)$(LUA_CMOD)/prosody_native $(DESTDIR)$(PLUGINDIR)
+	install -m 0644 $(SOS) $(DESTDIR)$(LUA_CMOD)/prosody_native/
+	install -m 0644 modules/*.lua $(DESTDIR)$(PLUGINDIR)/
+
+uninstall:
+	rm -rf $(DESTDIR)$(LUA_CMOD)/prosody_native
+	cd modules && for f in *.lua; do rm -f $(DESTDIR)$(PLUGINDIR)/$$f; done
+
+clean:
+	rm -rf build build-asan .rocks spec/out

@@ -1,0 +1,1931 @@
+/* prosody-native: archive engine -- ordered per-owner archives of Lua values in SQLite.
+ * Copyright (c) prosody-native contributors. MIT licence.
+ *
+ * An archive belongs to an owner (host, store, user) and holds items (key, when, with,
+ * value) in append order. Values are Lua values in a compact binary encoding; tables
+ * whose metatable is the `element_mt` given at open time are encoded as XML-like
+ * elements (name, attr, children) and come back as fresh tables with that metatable,
+ * so reading a page never parses XML. The engine knows nothing about Prosody.
+ *
+ * Rules kept everywhere: no statement stays open across calls (every result is
+ * materialised, every statement reset), and every write is one transaction that
+ * keeps the per-owner item counter exact.
+ */
+
+#include <math.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <sqlite3.h>
+
+#include "pn_common.h"
+
+#define ARCHIVE_MT "prosody_native.archive"
+#define SCHEMA_VERSION 1
+#define STMT_CACHE_SIZE 48
+#define VALUE_FORMAT 1
+#define MAX_DEPTH 64
+#define MAX_IDS 4096
+
+struct stmt_slot {
+	char *sql;
+	sqlite3_stmt *stmt;
+	unsigned long used;
+};
+
+struct checkpointer {
+	pthread_t thread;
+	pthread_mutex_t lock;
+	pthread_cond_t wake;
+	int running;
+	int stop;
+	double interval;
+	char *path;
+};
+
+typedef struct {
+	sqlite3 *db;               /* NULL once closed */
+	int element_mt_ref;        /* registry ref of the element metatable, or LUA_NOREF */
+	struct stmt_slot cache[STMT_CACHE_SIZE];
+	unsigned long clock;
+	unsigned char *buf;        /* encoding buffer, reused across appends */
+	size_t buf_len, buf_cap;
+	struct checkpointer ckpt;
+} archive_db;
+
+/* ---------------------------------------------------------------- growable text */
+
+typedef struct {
+	char *s;
+	size_t len, cap;
+	int oom;
+} strbuf;
+
+static void sb_add(strbuf *sb, const char *text) {
+	size_t n = strlen(text);
+	if(sb->oom)
+		return;
+	if(sb->len + n + 1 > sb->cap) {
+		size_t cap = sb->cap ? sb->cap * 2 : 256;
+		char *s;
+		while(cap < sb->len + n + 1)
+			cap *= 2;
+		s = realloc(sb->s, cap);
+		if(!s) {
+			sb->oom = 1;
+			return;
+		}
+		sb->s = s;
+		sb->cap = cap;
+	}
+	memcpy(sb->s + sb->len, text, n + 1);
+	sb->len += n;
+}
+
+/* ---------------------------------------------------------------- statements */
+
+static sqlite3_stmt *stmt_get(archive_db *a, const char *sql) {
+	struct stmt_slot *victim = &a->cache[0];
+	sqlite3_stmt *stmt;
+	int i;
+	for(i = 0; i < STMT_CACHE_SIZE; i++) {
+		struct stmt_slot *slot = &a->cache[i];
+		if(slot->sql && strcmp(slot->sql, sql) == 0) {
+			slot->used = ++a->clock;
+			sqlite3_reset(slot->stmt);
+			sqlite3_clear_bindings(slot->stmt);
+			return slot->stmt;
+		}
+		if(slot->used < victim->used)
+			victim = slot;
+	}
+	if(sqlite3_prepare_v3(a->db, sql, -1, SQLITE_PREPARE_PERSISTENT, &stmt, NULL) != SQLITE_OK)
+		return NULL;
+	if(victim->sql) {
+		free(victim->sql);
+		sqlite3_finalize(victim->stmt);
+	}
+	victim->sql = strdup(sql);
+	if(!victim->sql) {
+		sqlite3_finalize(stmt);
+		victim->stmt = NULL;
+		victim->used = 0;
+		return NULL;
+	}
+	victim->stmt = stmt;
+	victim->used = ++a->clock;
+	return stmt;
+}
+
+static void stmt_cache_clear(archive_db *a) {
+	int i;
+	for(i = 0; i < STMT_CACHE_SIZE; i++) {
+		if(a->cache[i].sql) {
+			sqlite3_finalize(a->cache[i].stmt);
+			free(a->cache[i].sql);
+		}
+		a->cache[i].sql = NULL;
+		a->cache[i].stmt = NULL;
+		a->cache[i].used = 0;
+	}
+}
+
+static int exec_sql(archive_db *a, const char *sql) {
+	return sqlite3_exec(a->db, sql, NULL, NULL, NULL);
+}
+
+/* An earlier call may have been interrupted by a Lua error (out of memory while
+ * pushing results): never let that leave a transaction or a read open. */
+static void recover(archive_db *a) {
+	int i;
+	for(i = 0; i < STMT_CACHE_SIZE; i++)
+		if(a->cache[i].stmt)
+			sqlite3_reset(a->cache[i].stmt);
+	if(!sqlite3_get_autocommit(a->db))
+		exec_sql(a, "ROLLBACK");
+}
+
+static int db_error(lua_State *L, archive_db *a) {
+	int code = sqlite3_extended_errcode(a->db);
+	const char *name = sqlite3_errstr(code);
+	lua_pushnil(L);
+	lua_pushstring(L, sqlite3_errmsg(a->db));
+	lua_pushstring(L, name);
+	if(!sqlite3_get_autocommit(a->db))
+		exec_sql(a, "ROLLBACK");
+	return 3;
+}
+
+/* ---------------------------------------------------------------- value codec */
+
+typedef struct {
+	unsigned char *p;
+	size_t len, cap;
+} outbuf;
+
+static void out_reserve(lua_State *L, archive_db *a, size_t more) {
+	if(a->buf_len + more > a->buf_cap) {
+		size_t cap = a->buf_cap ? a->buf_cap : 1024;
+		unsigned char *p;
+		while(cap < a->buf_len + more) {
+			if(cap > ((size_t)1 << 30))
+				luaL_error(L, "value too large to archive");
+			cap *= 2;
+		}
+		p = realloc(a->buf, cap);
+		if(!p)
+			luaL_error(L, "out of memory encoding value");
+		a->buf = p;
+		a->buf_cap = cap;
+	}
+}
+
+static void out_byte(lua_State *L, archive_db *a, unsigned char b) {
+	out_reserve(L, a, 1);
+	a->buf[a->buf_len++] = b;
+}
+
+static void out_varint(lua_State *L, archive_db *a, uint64_t v) {
+	out_reserve(L, a, 10);
+	do {
+		unsigned char b = v & 0x7f;
+		v >>= 7;
+		a->buf[a->buf_len++] = b | (v ? 0x80 : 0);
+	} while(v);
+}
+
+static void out_bytes(lua_State *L, archive_db *a, const char *s, size_t n) {
+	out_varint(L, a, n);
+	out_reserve(L, a, n);
+	memcpy(a->buf + a->buf_len, s, n);
+	a->buf_len += n;
+}
+
+enum {
+	V_FALSE = 'F', V_TRUE = 'T', V_INT = 'I', V_FLOAT = 'D', V_STRING = 'S',
+	V_TABLE = 'M', V_ELEMENT = 'E'
+};
+
+static int is_element(lua_State *L, archive_db *a, int idx) {
+	int same;
+	if(a->element_mt_ref == LUA_NOREF || !lua_getmetatable(L, idx))
+		return 0;
+	lua_rawgeti(L, LUA_REGISTRYINDEX, a->element_mt_ref);
+	same = lua_rawequal(L, -1, -2);
+	lua_pop(L, 2);
+	return same;
+}
+
+static void encode_value(lua_State *L, archive_db *a, int idx, int depth);
+
+static void encode_string_field(lua_State *L, archive_db *a, int idx, const char *what) {
+	size_t n;
+	const char *s;
+	if(lua_type(L, idx) != LUA_TSTRING)
+		luaL_error(L, "cannot archive element: %s is a %s, not a string", what, luaL_typename(L, idx));
+	s = lua_tolstring(L, idx, &n);
+	out_bytes(L, a, s, n);
+}
+
+/* Encodes a string-to-string map (attributes, namespace prefixes). */
+static void encode_string_map(lua_State *L, archive_db *a, int idx, const char *what) {
+	size_t count = 0, count_at;
+	unsigned char tmp[10];
+	size_t tmp_len = 0, i;
+	uint64_t v;
+	idx = lua_absindex(L, idx);
+	lua_pushnil(L);
+	while(lua_next(L, idx)) {
+		count++;
+		lua_pop(L, 1);
+	}
+	v = count;
+	do {
+		unsigned char b = v & 0x7f;
+		v >>= 7;
+		tmp[tmp_len++] = b | (v ? 0x80 : 0);
+	} while(v);
+	out_reserve(L, a, tmp_len);
+	count_at = a->buf_len;
+	for(i = 0; i < tmp_len; i++)
+		a->buf[count_at + i] = tmp[i];
+	a->buf_len += tmp_len;
+	lua_pushnil(L);
+	while(lua_next(L, idx)) {
+		encode_string_field(L, a, -2, what);
+		encode_string_field(L, a, -1, what);
+		lua_pop(L, 1);
+	}
+}
+
+static void encode_element(lua_State *L, archive_db *a, int idx, int depth) {
+	lua_Integer n, i;
+	out_byte(L, a, V_ELEMENT);
+	lua_getfield(L, idx, "name");
+	encode_string_field(L, a, -1, "element name");
+	lua_pop(L, 1);
+
+	lua_getfield(L, idx, "attr");
+	if(lua_istable(L, -1))
+		encode_string_map(L, a, -1, "attribute");
+	else if(lua_isnil(L, -1))
+		out_varint(L, a, 0);
+	else
+		luaL_error(L, "cannot archive element: attr is a %s", luaL_typename(L, -1));
+	lua_pop(L, 1);
+
+	lua_getfield(L, idx, "namespaces");
+	if(lua_istable(L, -1)) {
+		out_byte(L, a, 1);
+		encode_string_map(L, a, -1, "namespace prefix");
+	} else {
+		out_byte(L, a, 0);
+	}
+	lua_pop(L, 1);
+
+	n = (lua_Integer)lua_rawlen(L, idx);
+	out_varint(L, a, (uint64_t)n);
+	for(i = 1; i <= n; i++) {
+		lua_rawgeti(L, idx, i);
+		if(lua_type(L, -1) == LUA_TSTRING) {
+			size_t len;
+			const char *s = lua_tolstring(L, -1, &len);
+			out_byte(L, a, V_STRING);
+			out_bytes(L, a, s, len);
+		} else if(lua_istable(L, -1) && is_element(L, a, -1)) {
+			encode_value(L, a, lua_gettop(L), depth + 1);
+		} else {
+			luaL_error(L, "cannot archive element: child %d is a %s", (int)i, luaL_typename(L, -1));
+		}
+		lua_pop(L, 1);
+	}
+}
+
+static void encode_value(lua_State *L, archive_db *a, int idx, int depth) {
+	idx = lua_absindex(L, idx);
+	if(depth > MAX_DEPTH)
+		luaL_error(L, "cannot archive value: nested deeper than %d levels", MAX_DEPTH);
+	luaL_checkstack(L, 6, "archive value nesting");
+	switch(lua_type(L, idx)) {
+	case LUA_TBOOLEAN:
+		out_byte(L, a, lua_toboolean(L, idx) ? V_TRUE : V_FALSE);
+		break;
+	case LUA_TNUMBER:
+		if(lua_isinteger(L, idx)) {
+			lua_Integer v = lua_tointeger(L, idx);
+			uint64_t u = (uint64_t)v;
+			out_byte(L, a, V_INT);
+			out_varint(L, a, (u << 1) ^ (v < 0 ? ~(uint64_t)0 : 0));
+		} else {
+			double d = lua_tonumber(L, idx);
+			uint64_t bits;
+			int i;
+			memcpy(&bits, &d, sizeof bits);
+			out_byte(L, a, V_FLOAT);
+			out_reserve(L, a, 8);
+			for(i = 0; i < 8; i++)
+				a->buf[a->buf_len++] = (unsigned char)(bits >> (8 * i));
+		}
+		break;
+	case LUA_TSTRING: {
+		size_t n;
+		const char *s = lua_tolstring(L, idx, &n);
+		out_byte(L, a, V_STRING);
+		out_bytes(L, a, s, n);
+		break;
+	}
+	case LUA_TTABLE:
+		if(is_element(L, a, idx)) {
+			encode_element(L, a, idx, depth);
+		} else {
+			size_t count = 0;
+			out_byte(L, a, V_TABLE);
+			lua_pushnil(L);
+			while(lua_next(L, idx)) {
+				count++;
+				lua_pop(L, 1);
+			}
+			out_varint(L, a, count);
+			lua_pushnil(L);
+			while(lua_next(L, idx)) {
+				int kt = lua_type(L, -2);
+				if(kt != LUA_TSTRING && kt != LUA_TNUMBER && kt != LUA_TBOOLEAN)
+					luaL_error(L, "cannot archive value: table key of type %s", lua_typename(L, kt));
+				encode_value(L, a, -2, depth + 1);
+				encode_value(L, a, -1, depth + 1);
+				lua_pop(L, 1);
+			}
+		}
+		break;
+	default:
+		luaL_error(L, "cannot archive value of type %s", luaL_typename(L, idx));
+	}
+}
+
+/* Encodes the value at idx into a->buf (format byte first). */
+static void encode(lua_State *L, archive_db *a, int idx) {
+	a->buf_len = 0;
+	out_byte(L, a, VALUE_FORMAT);
+	encode_value(L, a, idx, 0);
+}
+
+typedef struct {
+	const unsigned char *p, *end;
+	int element_mt;   /* absolute stack index of the element metatable, 0 if none */
+} inbuf;
+
+static int in_varint(inbuf *in, uint64_t *v) {
+	int shift = 0;
+	*v = 0;
+	while(in->p < in->end && shift < 64) {
+		unsigned char b = *in->p++;
+		*v |= (uint64_t)(b & 0x7f) << shift;
+		if(!(b & 0x80))
+			return 1;
+		shift += 7;
+	}
+	return 0;
+}
+
+static int in_string(lua_State *L, inbuf *in) {
+	uint64_t n;
+	if(!in_varint(in, &n) || n > (uint64_t)(in->end - in->p))
+		return 0;
+	lua_pushlstring(L, (const char *)in->p, (size_t)n);
+	in->p += n;
+	return 1;
+}
+
+static int decode_value(lua_State *L, inbuf *in, int depth);
+
+static int decode_string_map(lua_State *L, inbuf *in) {
+	uint64_t count, i;
+	if(!in_varint(in, &count) || count > (uint64_t)(in->end - in->p))
+		return 0;
+	lua_createtable(L, 0, (int)count);
+	for(i = 0; i < count; i++) {
+		if(!in_string(L, in))
+			return 0;
+		if(!in_string(L, in))
+			return 0;
+		lua_rawset(L, -3);
+	}
+	return 1;
+}
+
+static int decode_element(lua_State *L, inbuf *in, int depth) {
+	uint64_t nchildren, i;
+	int el, tags, ntags = 0;
+	lua_createtable(L, 0, 4);
+	el = lua_gettop(L);
+	if(!in_string(L, in))
+		return 0;
+	lua_setfield(L, el, "name");
+	if(!decode_string_map(L, in))
+		return 0;
+	lua_setfield(L, el, "attr");
+	if(in->p >= in->end)
+		return 0;
+	if(*in->p++) {
+		if(!decode_string_map(L, in))
+			return 0;
+		lua_setfield(L, el, "namespaces");
+	}
+	if(!in_varint(in, &nchildren) || nchildren > (uint64_t)(in->end - in->p))
+		return 0;
+	lua_createtable(L, (int)nchildren, 0);
+	tags = lua_gettop(L);
+	for(i = 1; i <= nchildren; i++) {
+		if(in->p >= in->end)
+			return 0;
+		if(*in->p == V_STRING) {
+			in->p++;
+			if(!in_string(L, in))
+				return 0;
+		} else if(*in->p == V_ELEMENT) {
+			if(!decode_value(L, in, depth + 1))
+				return 0;
+			lua_pushvalue(L, -1);
+			lua_rawseti(L, tags, ++ntags);
+		} else {
+			return 0;
+		}
+		lua_rawseti(L, el, (lua_Integer)i);
+	}
+	lua_setfield(L, el, "tags");
+	if(in->element_mt) {
+		lua_pushvalue(L, in->element_mt);
+		lua_setmetatable(L, el);
+	}
+	return 1;
+}
+
+/* Pushes the decoded value; returns 0 (with junk on the stack) on malformed input. */
+static int decode_value(lua_State *L, inbuf *in, int depth) {
+	unsigned char tag;
+	if(depth > MAX_DEPTH || in->p >= in->end || !lua_checkstack(L, 8))
+		return 0;
+	tag = *in->p++;
+	switch(tag) {
+	case V_FALSE:
+		lua_pushboolean(L, 0);
+		return 1;
+	case V_TRUE:
+		lua_pushboolean(L, 1);
+		return 1;
+	case V_INT: {
+		uint64_t u;
+		if(!in_varint(in, &u))
+			return 0;
+		lua_pushinteger(L, (lua_Integer)((u >> 1) ^ (~(u & 1) + 1)));
+		return 1;
+	}
+	case V_FLOAT: {
+		uint64_t bits = 0;
+		double d;
+		int i;
+		if(in->end - in->p < 8)
+			return 0;
+		for(i = 0; i < 8; i++)
+			bits |= (uint64_t)in->p[i] << (8 * i);
+		in->p += 8;
+		memcpy(&d, &bits, sizeof d);
+		lua_pushnumber(L, d);
+		return 1;
+	}
+	case V_STRING:
+		return in_string(L, in);
+	case V_TABLE: {
+		uint64_t count, i;
+		if(!in_varint(in, &count) || count > (uint64_t)(in->end - in->p))
+			return 0;
+		lua_createtable(L, 0, (int)count);
+		for(i = 0; i < count; i++) {
+			if(!decode_value(L, in, depth + 1))
+				return 0;
+			if(lua_isnil(L, -1) || (lua_type(L, -1) == LUA_TNUMBER && isnan(lua_tonumber(L, -1))))
+				return 0;
+			if(!decode_value(L, in, depth + 1))
+				return 0;
+			lua_rawset(L, -3);
+		}
+		return 1;
+	}
+	case V_ELEMENT:
+		return decode_element(L, in, depth);
+	default:
+		return 0;
+	}
+}
+
+/* Pushes the value encoded in blob; raises on corruption (it never happens with
+ * data the engine wrote, so it is not an expected failure). */
+static void decode(lua_State *L, const void *blob, int len, int element_mt) {
+	int top = lua_gettop(L);
+	inbuf in;
+	in.p = blob;
+	in.end = in.p + (len > 0 ? len : 0);
+	in.element_mt = element_mt;
+	if(len < 1 || *in.p++ != VALUE_FORMAT || !decode_value(L, &in, 0) || in.p != in.end) {
+		lua_settop(L, top);
+		luaL_error(L, "archived value is corrupt or of an unknown format");
+	}
+}
+
+static int push_element_mt(lua_State *L, archive_db *a) {
+	if(a->element_mt_ref == LUA_NOREF)
+		return 0;
+	lua_rawgeti(L, LUA_REGISTRYINDEX, a->element_mt_ref);
+	return lua_gettop(L);
+}
+
+/* ---------------------------------------------------------------- checkpointer */
+
+/* A second connection that checkpoints the WAL every `interval` seconds: this is the
+ * group commit of durability "normal" (appends commit without fsync; the checkpoint
+ * fsyncs the WAL) and keeps checkpoint I/O off the caller's thread in both modes. */
+static void *checkpointer_main(void *arg) {
+	struct checkpointer *c = arg;
+	sqlite3 *db = NULL;
+	if(sqlite3_open_v2(c->path, &db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_NOMUTEX, NULL) != SQLITE_OK) {
+		sqlite3_close(db);
+		return NULL;
+	}
+	sqlite3_busy_timeout(db, 1000);
+	pthread_mutex_lock(&c->lock);
+	while(!c->stop) {
+		struct timespec until;
+		double whole;
+		double frac = modf(c->interval, &whole);
+		clock_gettime(CLOCK_MONOTONIC, &until);
+		until.tv_sec += (time_t)whole;
+		until.tv_nsec += (long)(frac * 1e9);
+		if(until.tv_nsec >= 1000000000L) {
+			until.tv_sec++;
+			until.tv_nsec -= 1000000000L;
+		}
+		pthread_cond_timedwait(&c->wake, &c->lock, &until);
+		if(c->stop)
+			break;
+		pthread_mutex_unlock(&c->lock);
+		sqlite3_wal_checkpoint_v2(db, NULL, SQLITE_CHECKPOINT_PASSIVE, NULL, NULL);
+		pthread_mutex_lock(&c->lock);
+	}
+	pthread_mutex_unlock(&c->lock);
+	sqlite3_close(db);
+	return NULL;
+}
+
+static int checkpointer_start(struct checkpointer *c, const char *path, double interval) {
+	pthread_condattr_t attr;
+	c->path = strdup(path);
+	if(!c->path)
+		return -1;
+	c->interval = interval;
+	c->stop = 0;
+	pthread_mutex_init(&c->lock, NULL);
+	pthread_condattr_init(&attr);
+	pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
+	pthread_cond_init(&c->wake, &attr);
+	pthread_condattr_destroy(&attr);
+	if(pthread_create(&c->thread, NULL, checkpointer_main, c) != 0) {
+		pthread_cond_destroy(&c->wake);
+		pthread_mutex_destroy(&c->lock);
+		free(c->path);
+		c->path = NULL;
+		return -1;
+	}
+	c->running = 1;
+	return 0;
+}
+
+static void checkpointer_stop(struct checkpointer *c) {
+	if(!c->running)
+		return;
+	pthread_mutex_lock(&c->lock);
+	c->stop = 1;
+	pthread_cond_signal(&c->wake);
+	pthread_mutex_unlock(&c->lock);
+	pthread_join(c->thread, NULL);
+	pthread_cond_destroy(&c->wake);
+	pthread_mutex_destroy(&c->lock);
+	free(c->path);
+	c->path = NULL;
+	c->running = 0;
+}
+
+/* ---------------------------------------------------------------- open / close */
+
+static archive_db *check_db(lua_State *L) {
+	archive_db *a = luaL_checkudata(L, 1, ARCHIVE_MT);
+	if(!a->db)
+		luaL_argerror(L, 1, "archive database is closed");
+	return a;
+}
+
+static void archive_release(lua_State *L, archive_db *a) {
+	if(a->db) {
+		checkpointer_stop(&a->ckpt);
+		recover(a);
+		stmt_cache_clear(a);
+		sqlite3_close_v2(a->db);
+		a->db = NULL;
+	}
+	if(a->element_mt_ref != LUA_NOREF) {
+		luaL_unref(L, LUA_REGISTRYINDEX, a->element_mt_ref);
+		a->element_mt_ref = LUA_NOREF;
+	}
+	free(a->buf);
+	a->buf = NULL;
+	a->buf_len = a->buf_cap = 0;
+}
+
+static const char *const SCHEMA[] = {
+	"CREATE TABLE IF NOT EXISTS owners ("
+	" id INTEGER PRIMARY KEY,"
+	" host TEXT NOT NULL, store TEXT NOT NULL, user TEXT NOT NULL,"
+	" items INTEGER NOT NULL DEFAULT 0,"
+	" UNIQUE (host, store, user))",
+	/* AUTOINCREMENT: a sequence number is never reused, so archive order survives
+	 * deleting the newest item. */
+	"CREATE TABLE IF NOT EXISTS items ("
+	" seq INTEGER PRIMARY KEY AUTOINCREMENT,"
+	" owner INTEGER NOT NULL,"
+	" key TEXT NOT NULL,"
+	" \"when\" REAL NOT NULL,"
+	" \"with\" TEXT NOT NULL,"
+	" value BLOB NOT NULL)",
+	/* Index entries end with the rowid, so (owner) orders by (owner, seq) and
+	 * (owner, with) by (owner, with, seq): each page is one index range. */
+	"CREATE UNIQUE INDEX IF NOT EXISTS items_key ON items (owner, key)",
+	"CREATE INDEX IF NOT EXISTS items_owner ON items (owner)",
+	"CREATE INDEX IF NOT EXISTS items_with ON items (owner, \"with\")",
+	"CREATE INDEX IF NOT EXISTS items_when ON items (owner, \"when\")",
+	NULL
+};
+
+static const char *open_database(archive_db *a, const char *path, int durable, int busy_ms, int *readonly) {
+	int i, version = -1;
+	sqlite3_stmt *st;
+	const char *journal;
+	if(sqlite3_open_v2(path, &a->db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX, NULL) != SQLITE_OK)
+		return "open";
+	sqlite3_extended_result_codes(a->db, 1);
+	sqlite3_busy_timeout(a->db, busy_ms);
+	*readonly = sqlite3_db_readonly(a->db, "main");
+	if(*readonly)
+		return "read-only";
+	/* Reading the schema version is the first read: a file that is not a database
+	 * fails here with SQLITE_NOTADB. */
+	if(sqlite3_prepare_v2(a->db, "PRAGMA user_version", -1, &st, NULL) != SQLITE_OK)
+		return "read";
+	if(sqlite3_step(st) == SQLITE_ROW)
+		version = sqlite3_column_int(st, 0);
+	if(sqlite3_finalize(st) != SQLITE_OK)
+		return "read";
+	if(version > SCHEMA_VERSION)
+		return "newer-schema";
+	/* auto_vacuum only takes effect before the first table exists. */
+	if(exec_sql(a, "PRAGMA auto_vacuum = INCREMENTAL") != SQLITE_OK)
+		return "configure";
+	if(sqlite3_prepare_v2(a->db, "PRAGMA journal_mode = WAL", -1, &st, NULL) != SQLITE_OK)
+		return "configure";
+	journal = sqlite3_step(st) == SQLITE_ROW ? (const char *)sqlite3_column_text(st, 0) : NULL;
+	if(!journal || strcmp(journal, "wal") != 0) {
+		sqlite3_finalize(st);
+		return "wal";
+	}
+	sqlite3_finalize(st);
+	if(exec_sql(a, durable ? "PRAGMA synchronous = FULL" : "PRAGMA synchronous = NORMAL") != SQLITE_OK
+			|| exec_sql(a, "PRAGMA wal_autocheckpoint = 0") != SQLITE_OK
+			|| exec_sql(a, "PRAGMA journal_size_limit = 67108864") != SQLITE_OK
+			|| exec_sql(a, "PRAGMA secure_delete = FAST") != SQLITE_OK)
+		return "configure";
+	if(exec_sql(a, "BEGIN IMMEDIATE") != SQLITE_OK)
+		return "schema";
+	for(i = 0; SCHEMA[i]; i++) {
+		if(exec_sql(a, SCHEMA[i]) != SQLITE_OK)
+			return "schema";
+	}
+	if(exec_sql(a, "PRAGMA user_version = 1") != SQLITE_OK || exec_sql(a, "COMMIT") != SQLITE_OK)
+		return "schema";
+	return NULL;
+}
+
+/* archive.open(path, options?) -> db | nil, err, code
+ * options: durability = "full" | "normal", sync_interval (s), busy_timeout (ms),
+ * element_mt (metatable marking element tables). */
+static int Larchive_open(lua_State *L) {
+	const char *path = luaL_checkstring(L, 1);
+	const char *durability = "normal";
+	int durable, busy_ms = 5000, readonly = 0;
+	double interval = 1.0;
+	const char *stage;
+	archive_db *a;
+
+	if(!lua_isnoneornil(L, 2)) {
+		luaL_checktype(L, 2, LUA_TTABLE);
+		lua_getfield(L, 2, "durability");
+		if(!lua_isnil(L, -1))
+			durability = luaL_checkstring(L, -1);
+		lua_pop(L, 1);
+		interval = pn_opt_number_field(L, 2, "sync_interval", interval);
+		busy_ms = (int)pn_opt_integer_field(L, 2, "busy_timeout", busy_ms);
+	}
+	if(strcmp(durability, "full") == 0)
+		durable = 1;
+	else if(strcmp(durability, "normal") == 0)
+		durable = 0;
+	else
+		return luaL_error(L, "durability must be \"full\" or \"normal\", not \"%s\"", durability);
+	luaL_argcheck(L, interval > 0 && interval <= 3600, 2, "sync_interval must be in (0, 3600] seconds");
+	luaL_argcheck(L, busy_ms >= 0, 2, "busy_timeout must not be negative");
+
+	/* Born closed: whatever fails below leaves a consistent object for __gc. */
+	a = lua_newuserdatauv(L, sizeof *a, 0);
+	memset(a, 0, sizeof *a);
+	a->element_mt_ref = LUA_NOREF;
+	luaL_setmetatable(L, ARCHIVE_MT);
+
+	if(!lua_isnoneornil(L, 2)) {
+		lua_getfield(L, 2, "element_mt");
+		if(lua_istable(L, -1))
+			a->element_mt_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+		else
+			lua_pop(L, 1);
+	}
+
+	stage = open_database(a, path, durable, busy_ms, &readonly);
+	if(stage) {
+		char msg[512];
+		if(readonly)
+			snprintf(msg, sizeof msg, "%s: the database file is read-only", path);
+		else if(strcmp(stage, "wal") == 0)
+			snprintf(msg, sizeof msg, "%s: cannot switch to WAL mode (is the directory writable?)", path);
+		else if(strcmp(stage, "newer-schema") == 0)
+			snprintf(msg, sizeof msg, "%s: written by a newer prosody-native (schema > %d)", path, SCHEMA_VERSION);
+		else
+			snprintf(msg, sizeof msg, "%s: %s", path, a->db ? sqlite3_errmsg(a->db) : "out of memory");
+		archive_release(L, a);
+		return pn_fail(L, msg, readonly ? "read-only" : stage);
+	}
+	if(checkpointer_start(&a->ckpt, path, interval) != 0) {
+		archive_release(L, a);
+		return pn_fail(L, "cannot start the checkpoint thread", "thread");
+	}
+	return 1;
+}
+
+/* db:close() */
+static int Larchive_close(lua_State *L) {
+	archive_db *a = luaL_checkudata(L, 1, ARCHIVE_MT);
+	archive_release(L, a);
+	return 0;
+}
+
+static int Larchive_tostring(lua_State *L) {
+	archive_db *a = luaL_checkudata(L, 1, ARCHIVE_MT);
+	if(a->db)
+		lua_pushfstring(L, "archive database (%s)", sqlite3_db_filename(a->db, "main"));
+	else
+		lua_pushliteral(L, "archive database (closed)");
+	return 1;
+}
+
+/* ---------------------------------------------------------------- owners */
+
+/* Owner id of (host, store, user) or 0 when it has never been written. */
+static int owner_find(archive_db *a, const char *host, const char *store, const char *user, sqlite3_int64 *id, sqlite3_int64 *items) {
+	int rc;
+	sqlite3_stmt *st = stmt_get(a, "SELECT id, items FROM owners WHERE host = ?1 AND store = ?2 AND user = ?3");
+	if(!st)
+		return -1;
+	sqlite3_bind_text(st, 1, host, -1, SQLITE_TRANSIENT);
+	sqlite3_bind_text(st, 2, store, -1, SQLITE_TRANSIENT);
+	sqlite3_bind_text(st, 3, user, -1, SQLITE_TRANSIENT);
+	rc = sqlite3_step(st);
+	*id = 0;
+	if(items)
+		*items = 0;
+	if(rc == SQLITE_ROW) {
+		*id = sqlite3_column_int64(st, 0);
+		if(items)
+			*items = sqlite3_column_int64(st, 1);
+		rc = SQLITE_DONE;
+	}
+	sqlite3_reset(st);
+	return rc == SQLITE_DONE ? 0 : -1;
+}
+
+static int owner_create(archive_db *a, const char *host, const char *store, const char *user, sqlite3_int64 *id) {
+	int rc;
+	sqlite3_stmt *st = stmt_get(a, "INSERT INTO owners (host, store, user) VALUES (?1, ?2, ?3)");
+	if(!st)
+		return -1;
+	sqlite3_bind_text(st, 1, host, -1, SQLITE_TRANSIENT);
+	sqlite3_bind_text(st, 2, store, -1, SQLITE_TRANSIENT);
+	sqlite3_bind_text(st, 3, user, -1, SQLITE_TRANSIENT);
+	rc = sqlite3_step(st);
+	sqlite3_reset(st);
+	if(rc != SQLITE_DONE)
+		return -1;
+	*id = sqlite3_last_insert_rowid(a->db);
+	return 0;
+}
+
+static int owner_adjust(archive_db *a, sqlite3_int64 id, sqlite3_int64 delta) {
+	int rc;
+	sqlite3_stmt *st;
+	if(delta == 0)
+		return 0;
+	st = stmt_get(a, "UPDATE owners SET items = items + ?2 WHERE id = ?1");
+	if(!st)
+		return -1;
+	sqlite3_bind_int64(st, 1, id);
+	sqlite3_bind_int64(st, 2, delta);
+	rc = sqlite3_step(st);
+	sqlite3_reset(st);
+	return rc == SQLITE_DONE ? 0 : -1;
+}
+
+/* Seq of an item by key, 0 when absent. */
+static int seq_of_key(archive_db *a, sqlite3_int64 owner, const char *key, size_t key_len, sqlite3_int64 *seq) {
+	int rc;
+	sqlite3_stmt *st = stmt_get(a, "SELECT seq FROM items WHERE owner = ?1 AND key = ?2");
+	if(!st)
+		return -1;
+	sqlite3_bind_int64(st, 1, owner);
+	sqlite3_bind_text(st, 2, key, (int)key_len, SQLITE_TRANSIENT);
+	rc = sqlite3_step(st);
+	*seq = 0;
+	if(rc == SQLITE_ROW) {
+		*seq = sqlite3_column_int64(st, 0);
+		rc = SQLITE_DONE;
+	}
+	sqlite3_reset(st);
+	return rc == SQLITE_DONE ? 0 : -1;
+}
+
+/* Times come back as integers when they are whole, as callers stored them
+ * (os.time()); fractions survive as floats. */
+static void push_when(lua_State *L, double when) {
+	if(when == floor(when) && fabs(when) < 9.0e15)
+		lua_pushinteger(L, (lua_Integer)when);
+	else
+		lua_pushnumber(L, when);
+}
+
+/* ---------------------------------------------------------------- queries */
+
+struct query {
+	const char *key, *with, *before, *after;
+	size_t key_len, with_len, before_len, after_len;
+	int has_start, has_end, has_limit, has_truncate, has_cursor, reverse, total;
+	double start, end;
+	lua_Integer limit, truncate, cursor;
+	int ids;         /* stack index of the ids array, 0 if none */
+	int n_ids;
+	/* resolved while running */
+	sqlite3_int64 after_seq, before_seq;
+};
+
+static const char *opt_string_field(lua_State *L, int t, const char *field, size_t *len) {
+	const char *s = NULL;
+	*len = 0;
+	if(lua_getfield(L, t, field) != LUA_TNIL) {
+		if(lua_type(L, -1) != LUA_TSTRING)
+			luaL_error(L, "query field '%s' must be a string, not a %s", field, luaL_typename(L, -1));
+		s = lua_tolstring(L, -1, len);
+	}
+	/* The string stays reachable from the query table for the whole call. */
+	lua_pop(L, 1);
+	return s;
+}
+
+static int opt_number(lua_State *L, int t, const char *field, double *out) {
+	int isnum;
+	if(lua_getfield(L, t, field) == LUA_TNIL) {
+		lua_pop(L, 1);
+		return 0;
+	}
+	*out = lua_tonumberx(L, -1, &isnum);
+	if(!isnum || isnan(*out))
+		luaL_error(L, "query field '%s' must be a number", field);
+	lua_pop(L, 1);
+	return 1;
+}
+
+static int opt_integer(lua_State *L, int t, const char *field, lua_Integer *out) {
+	double d;
+	if(!opt_number(L, t, field, &d))
+		return 0;
+	if(d != floor(d) || d < 0 || d > 9.0e15)
+		luaL_error(L, "query field '%s' must be a non-negative integer", field);
+	*out = (lua_Integer)d;
+	return 1;
+}
+
+/* Reads the query table at idx (or none) into q; raises on malformed fields. */
+static void read_query(lua_State *L, int idx, struct query *q) {
+	memset(q, 0, sizeof *q);
+	if(lua_isnoneornil(L, idx))
+		return;
+	luaL_checktype(L, idx, LUA_TTABLE);
+	q->key = opt_string_field(L, idx, "key", &q->key_len);
+	q->with = opt_string_field(L, idx, "with", &q->with_len);
+	q->before = opt_string_field(L, idx, "before", &q->before_len);
+	q->after = opt_string_field(L, idx, "after", &q->after_len);
+	q->has_start = opt_number(L, idx, "start", &q->start);
+	q->has_end = opt_number(L, idx, "end", &q->end);
+	q->has_limit = opt_integer(L, idx, "limit", &q->limit);
+	q->has_truncate = opt_integer(L, idx, "truncate", &q->truncate);
+	q->has_cursor = opt_integer(L, idx, "cursor", &q->cursor);
+	lua_getfield(L, idx, "reverse");
+	q->reverse = lua_toboolean(L, -1);
+	lua_getfield(L, idx, "total");
+	q->total = lua_toboolean(L, -1);
+	lua_pop(L, 2);
+	if(lua_getfield(L, idx, "ids") != LUA_TNIL) {
+		lua_Integer i, n;
+		luaL_checktype(L, -1, LUA_TTABLE);
+		n = (lua_Integer)lua_rawlen(L, -1);
+		if(n > MAX_IDS)
+			luaL_error(L, "query field 'ids' has more than %d ids", MAX_IDS);
+		for(i = 1; i <= n; i++) {
+			if(lua_rawgeti(L, -1, i) != LUA_TSTRING)
+				luaL_error(L, "query field 'ids' must hold strings");
+			lua_pop(L, 1);
+		}
+		/* Left on the stack for binding. */
+		q->ids = lua_gettop(L);
+		q->n_ids = (int)n;
+	} else {
+		lua_pop(L, 1);
+	}
+}
+
+/* A WHERE clause and its bound values, built once and used for SELECT, COUNT and
+ * DELETE alike so the three can never disagree. */
+enum { B_INT, B_REAL, B_TEXT, B_ID };
+struct bind {
+	int kind;
+	sqlite3_int64 i;
+	double d;
+	const char *s;
+	size_t len;
+};
+struct where {
+	strbuf sql;
+	struct bind *binds;
+	int n;
+};
+
+static void where_add(struct where *w, const char *clause, struct bind b) {
+	sb_add(&w->sql, " AND ");
+	sb_add(&w->sql, clause);
+	w->binds[w->n++] = b;
+}
+
+static void where_free(struct where *w) {
+	free(w->sql.s);
+	free(w->binds);
+	memset(w, 0, sizeof *w);
+}
+
+/* owner = ? plus every filter of q; seq bounds only when `ranges` is set. */
+static int where_build(struct where *w, const struct query *q, sqlite3_int64 owner, int ranges) {
+	struct bind b;
+	int i;
+	memset(w, 0, sizeof *w);
+	w->binds = malloc(sizeof(struct bind) * (size_t)(q->n_ids + 10));
+	if(!w->binds)
+		return -1;
+	memset(&b, 0, sizeof b);
+	b.kind = B_INT;
+	b.i = owner;
+	sb_add(&w->sql, "owner = ?");
+	w->binds[w->n++] = b;
+	if(q->key) {
+		b.kind = B_TEXT; b.s = q->key; b.len = q->key_len;
+		where_add(w, "key = ?", b);
+	}
+	if(q->with) {
+		b.kind = B_TEXT; b.s = q->with; b.len = q->with_len;
+		where_add(w, "\"with\" = ?", b);
+	}
+	if(q->has_start) {
+		b.kind = B_REAL; b.d = q->start;
+		where_add(w, "\"when\" >= ?", b);
+	}
+	if(q->has_end) {
+		b.kind = B_REAL; b.d = q->end;
+		where_add(w, "\"when\" <= ?", b);
+	}
+	if(ranges && q->after_seq) {
+		b.kind = B_INT; b.i = q->after_seq;
+		where_add(w, "seq > ?", b);
+	}
+	if(ranges && q->before_seq) {
+		b.kind = B_INT; b.i = q->before_seq;
+		where_add(w, "seq < ?", b);
+	}
+	if(q->ids) {
+		sb_add(&w->sql, " AND key IN (");
+		for(i = 0; i < q->n_ids; i++) {
+			sb_add(&w->sql, i ? ",?" : "?");
+			b.kind = B_ID; b.i = i + 1;
+			w->binds[w->n++] = b;
+		}
+		sb_add(&w->sql, ")");
+	}
+	return w->sql.oom ? -1 : 0;
+}
+
+/* Binds w's values from index `first` on; ids come straight from the query's array. */
+static void where_bind(lua_State *L, const struct query *q, const struct where *w, sqlite3_stmt *st, int first) {
+	int i;
+	for(i = 0; i < w->n; i++) {
+		const struct bind *b = &w->binds[i];
+		int at = first + i;
+		switch(b->kind) {
+		case B_INT:
+			sqlite3_bind_int64(st, at, b->i);
+			break;
+		case B_REAL:
+			sqlite3_bind_double(st, at, b->d);
+			break;
+		case B_TEXT:
+			sqlite3_bind_text(st, at, b->s, (int)b->len, SQLITE_TRANSIENT);
+			break;
+		case B_ID: {
+			size_t len;
+			const char *s;
+			lua_rawgeti(L, q->ids, b->i);
+			s = lua_tolstring(L, -1, &len);
+			sqlite3_bind_text(st, at, s, (int)len, SQLITE_TRANSIENT);
+			lua_pop(L, 1);
+			break;
+		}
+		}
+	}
+}
+
+/* Prepares `head || where || tail` and binds it; NULL on SQLite error. */
+static sqlite3_stmt *prepare_where(lua_State *L, archive_db *a, const struct query *q, const struct where *w,
+		const char *head, const char *tail) {
+	strbuf sql = { NULL, 0, 0, 0 };
+	sqlite3_stmt *st;
+	sb_add(&sql, head);
+	sb_add(&sql, w->sql.s);
+	sb_add(&sql, tail);
+	if(sql.oom) {
+		free(sql.s);
+		return NULL;
+	}
+	st = stmt_get(a, sql.s);
+	free(sql.s);
+	if(st)
+		where_bind(L, q, w, st, 1);
+	return st;
+}
+
+/* Resolves before/after keys to sequence numbers; -1 when one is unknown. */
+static int resolve_range(archive_db *a, sqlite3_int64 owner, struct query *q) {
+	if(q->after) {
+		if(seq_of_key(a, owner, q->after, q->after_len, &q->after_seq) < 0)
+			return -2;
+		if(!q->after_seq)
+			return -1;
+	}
+	if(q->before) {
+		if(seq_of_key(a, owner, q->before, q->before_len, &q->before_seq) < 0)
+			return -2;
+		if(!q->before_seq)
+			return -1;
+	}
+	return 0;
+}
+
+/* Only the owner's counter answers a total that filters nothing. */
+static int query_is_unfiltered(const struct query *q) {
+	return !q->key && !q->with && !q->has_start && !q->has_end && !q->ids;
+}
+
+static int count_matching(lua_State *L, archive_db *a, const struct query *q, sqlite3_int64 owner, sqlite3_int64 *count) {
+	struct where w;
+	sqlite3_stmt *st;
+	int rc;
+	if(where_build(&w, q, owner, 0) < 0) {
+		where_free(&w);
+		return -1;
+	}
+	st = prepare_where(L, a, q, &w, "SELECT COUNT(*) FROM items WHERE ", "");
+	where_free(&w);
+	if(!st)
+		return -1;
+	rc = sqlite3_step(st);
+	*count = rc == SQLITE_ROW ? sqlite3_column_int64(st, 0) : 0;
+	sqlite3_reset(st);
+	return rc == SQLITE_ROW ? 0 : -1;
+}
+
+/* db:find(host, store, user, query?) -> rows, n, total?, last_seq | nil, err, code
+ * rows holds n items as 4 consecutive slots: key, value, when, with. A query field
+ * `cursor` (a seq returned earlier) continues past the last item of a page. */
+static int Larchive_find(lua_State *L) {
+	archive_db *a = check_db(L);
+	const char *host = luaL_checkstring(L, 2);
+	const char *store = luaL_checkstring(L, 3);
+	const char *user = luaL_checkstring(L, 4);
+	struct query q;
+	struct where w;
+	sqlite3_int64 owner, items, total = -1, last_seq = 0;
+	sqlite3_stmt *st;
+	int rows, n = 0, mt, rc, range;
+	char tail[64];
+
+	read_query(L, 5, &q);
+	recover(a);
+	if(exec_sql(a, "BEGIN") != SQLITE_OK)
+		return db_error(L, a);
+	if(owner_find(a, host, store, user, &owner, &items) < 0)
+		return db_error(L, a);
+	if(!owner) {
+		exec_sql(a, "COMMIT");
+		if(q.before || q.after)
+			return pn_fail(L, "item-not-found", "item-not-found");
+		lua_newtable(L);
+		lua_pushinteger(L, 0);
+		if(q.total)
+			lua_pushinteger(L, 0);
+		else
+			lua_pushnil(L);
+		lua_pushinteger(L, 0);
+		return 4;
+	}
+	range = resolve_range(a, owner, &q);
+	if(range == -2)
+		return db_error(L, a);
+	if(range == -1) {
+		exec_sql(a, "COMMIT");
+		return pn_fail(L, "item-not-found", "item-not-found");
+	}
+	if(q.total) {
+		if(query_is_unfiltered(&q))
+			total = items;
+		else if(count_matching(L, a, &q, owner, &total) < 0)
+			return db_error(L, a);
+	}
+	if(q.has_cursor) {
+		if(q.reverse && (!q.before_seq || q.cursor < q.before_seq))
+			q.before_seq = q.cursor;
+		else if(!q.reverse && q.cursor > q.after_seq)
+			q.after_seq = q.cursor;
+	}
+
+	lua_newtable(L);
+	rows = lua_gettop(L);
+	if(q.has_limit && q.limit == 0)
+		goto done;
+	if(where_build(&w, &q, owner, 1) < 0) {
+		where_free(&w);
+		exec_sql(a, "ROLLBACK");
+		return luaL_error(L, "out of memory");
+	}
+	if(q.has_limit)
+		snprintf(tail, sizeof tail, " ORDER BY seq %s LIMIT %lld", q.reverse ? "DESC" : "ASC", (long long)q.limit);
+	else
+		snprintf(tail, sizeof tail, " ORDER BY seq %s", q.reverse ? "DESC" : "ASC");
+	st = prepare_where(L, a, &q, &w, "SELECT seq, key, value, \"when\", \"with\" FROM items WHERE ", tail);
+	where_free(&w);
+	if(!st)
+		return db_error(L, a);
+	mt = push_element_mt(L, a);
+	while((rc = sqlite3_step(st)) == SQLITE_ROW) {
+		last_seq = sqlite3_column_int64(st, 0);
+		lua_pushlstring(L, (const char *)sqlite3_column_text(st, 1), (size_t)sqlite3_column_bytes(st, 1));
+		lua_rawseti(L, rows, 4 * n + 1);
+		decode(L, sqlite3_column_blob(st, 2), sqlite3_column_bytes(st, 2), mt);
+		lua_rawseti(L, rows, 4 * n + 2);
+		push_when(L, sqlite3_column_double(st, 3));
+		lua_rawseti(L, rows, 4 * n + 3);
+		lua_pushlstring(L, (const char *)sqlite3_column_text(st, 4), (size_t)sqlite3_column_bytes(st, 4));
+		lua_rawseti(L, rows, 4 * n + 4);
+		n++;
+	}
+	sqlite3_reset(st);
+	if(rc != SQLITE_DONE)
+		return db_error(L, a);
+	if(mt)
+		lua_pop(L, 1);
+done:
+	exec_sql(a, "COMMIT");
+	lua_pushinteger(L, n);
+	if(total >= 0)
+		lua_pushinteger(L, total);
+	else
+		lua_pushnil(L);
+	lua_pushinteger(L, last_seq);
+	return 4;
+}
+
+/* ---------------------------------------------------------------- writes */
+
+static void generate_key(char out[37]) {
+	unsigned char b[16];
+	uint64_t ms = (uint64_t)(pn_realtime() * 1000.0);
+	int i;
+	static const char hex[] = "0123456789abcdef";
+	if(pn_random_bytes(b + 6, 10) != 0) {
+		/* The kernel CSPRNG does not fail on Linux >= 3.17 once seeded; there is no
+		 * safe fallback for unpredictable ids, so stop rather than weaken them. */
+		abort();
+	}
+	/* UUIDv7: 48-bit milliseconds, version 7, variant 10, 74 random bits. */
+	for(i = 0; i < 6; i++)
+		b[i] = (unsigned char)(ms >> (8 * (5 - i)));
+	b[6] = (unsigned char)((b[6] & 0x0f) | 0x70);
+	b[8] = (unsigned char)((b[8] & 0x3f) | 0x80);
+	for(i = 0; i < 16; i++) {
+		static const int dash_after[] = { 3, 5, 7, 9 };
+		int j;
+		*out++ = hex[b[i] >> 4];
+		*out++ = hex[b[i] & 15];
+		for(j = 0; j < 4; j++)
+			if(i == dash_after[j])
+				*out++ = '-';
+	}
+	*out = '\0';
+}
+
+/* db:append(host, store, user, key?, value, when, with, quota?) -> key | nil, err, code
+ * An existing key is replaced and its item moves to the end. At `quota` items the
+ * append fails with "quota-limit". */
+static int Larchive_append(lua_State *L) {
+	archive_db *a = check_db(L);
+	const char *host = luaL_checkstring(L, 2);
+	const char *store = luaL_checkstring(L, 3);
+	const char *user = luaL_checkstring(L, 4);
+	size_t key_len = 0, with_len;
+	const char *key = luaL_optlstring(L, 5, NULL, &key_len);
+	double when = luaL_checknumber(L, 7);
+	const char *with = luaL_checklstring(L, 8, &with_len);
+	lua_Integer quota = luaL_optinteger(L, 9, -1);
+	char generated[37];
+	sqlite3_int64 owner, items;
+	sqlite3_stmt *st;
+	int rc;
+
+	luaL_checkany(L, 6);
+	encode(L, a, 6);
+	if(!key) {
+		generate_key(generated);
+		key = generated;
+		key_len = 36;
+	}
+	recover(a);
+	if(exec_sql(a, "BEGIN IMMEDIATE") != SQLITE_OK)
+		return db_error(L, a);
+	if(owner_find(a, host, store, user, &owner, &items) < 0)
+		return db_error(L, a);
+	if(!owner && owner_create(a, host, store, user, &owner) < 0)
+		return db_error(L, a);
+	if(key != generated) {
+		st = stmt_get(a, "DELETE FROM items WHERE owner = ?1 AND key = ?2");
+		if(!st)
+			return db_error(L, a);
+		sqlite3_bind_int64(st, 1, owner);
+		sqlite3_bind_text(st, 2, key, (int)key_len, SQLITE_TRANSIENT);
+		rc = sqlite3_step(st);
+		sqlite3_reset(st);
+		if(rc != SQLITE_DONE)
+			return db_error(L, a);
+		if(sqlite3_changes(a->db) > 0) {
+			items -= sqlite3_changes(a->db);
+			if(owner_adjust(a, owner, -sqlite3_changes(a->db)) < 0)
+				return db_error(L, a);
+		}
+	}
+	if(quota >= 0 && items >= quota) {
+		exec_sql(a, "ROLLBACK");
+		return pn_fail(L, "quota-limit", "quota-limit");
+	}
+	st = stmt_get(a, "INSERT INTO items (owner, key, \"when\", \"with\", value) VALUES (?1, ?2, ?3, ?4, ?5)");
+	if(!st)
+		return db_error(L, a);
+	sqlite3_bind_int64(st, 1, owner);
+	sqlite3_bind_text(st, 2, key, (int)key_len, SQLITE_TRANSIENT);
+	sqlite3_bind_double(st, 3, when);
+	sqlite3_bind_text(st, 4, with, (int)with_len, SQLITE_TRANSIENT);
+	sqlite3_bind_blob(st, 5, a->buf, (int)a->buf_len, SQLITE_STATIC);
+	rc = sqlite3_step(st);
+	sqlite3_reset(st);
+	sqlite3_clear_bindings(st);
+	if(rc != SQLITE_DONE)
+		return db_error(L, a);
+	if(owner_adjust(a, owner, 1) < 0)
+		return db_error(L, a);
+	if(exec_sql(a, "COMMIT") != SQLITE_OK)
+		return db_error(L, a);
+	lua_pushlstring(L, key, key_len);
+	return 1;
+}
+
+/* db:get(host, store, user, key) -> value, when, with | nil, "item-not-found" */
+static int Larchive_get(lua_State *L) {
+	archive_db *a = check_db(L);
+	const char *host = luaL_checkstring(L, 2);
+	const char *store = luaL_checkstring(L, 3);
+	const char *user = luaL_checkstring(L, 4);
+	size_t key_len;
+	const char *key = luaL_checklstring(L, 5, &key_len);
+	sqlite3_int64 owner;
+	sqlite3_stmt *st;
+	int rc, mt;
+
+	recover(a);
+	if(owner_find(a, host, store, user, &owner, NULL) < 0)
+		return db_error(L, a);
+	if(!owner)
+		return pn_fail(L, "item-not-found", "item-not-found");
+	st = stmt_get(a, "SELECT value, \"when\", \"with\" FROM items WHERE owner = ?1 AND key = ?2");
+	if(!st)
+		return db_error(L, a);
+	sqlite3_bind_int64(st, 1, owner);
+	sqlite3_bind_text(st, 2, key, (int)key_len, SQLITE_TRANSIENT);
+	rc = sqlite3_step(st);
+	if(rc != SQLITE_ROW) {
+		sqlite3_reset(st);
+		if(rc == SQLITE_DONE)
+			return pn_fail(L, "item-not-found", "item-not-found");
+		return db_error(L, a);
+	}
+	mt = push_element_mt(L, a);
+	decode(L, sqlite3_column_blob(st, 0), sqlite3_column_bytes(st, 0), mt);
+	push_when(L, sqlite3_column_double(st, 1));
+	lua_pushlstring(L, (const char *)sqlite3_column_text(st, 2), (size_t)sqlite3_column_bytes(st, 2));
+	sqlite3_reset(st);
+	return 3;
+}
+
+/* db:set(host, store, user, key, value, when?, with?) -> true | false (unknown key)
+ * Replaces an item's value in place; its position in the archive stays. */
+static int Larchive_set(lua_State *L) {
+	archive_db *a = check_db(L);
+	const char *host = luaL_checkstring(L, 2);
+	const char *store = luaL_checkstring(L, 3);
+	const char *user = luaL_checkstring(L, 4);
+	size_t key_len, with_len = 0;
+	const char *key = luaL_checklstring(L, 5, &key_len);
+	int has_when = !lua_isnoneornil(L, 7);
+	double when = has_when ? luaL_checknumber(L, 7) : 0;
+	const char *with = luaL_optlstring(L, 8, NULL, &with_len);
+	sqlite3_int64 owner;
+	sqlite3_stmt *st;
+	int rc;
+
+	luaL_checkany(L, 6);
+	encode(L, a, 6);
+	recover(a);
+	if(owner_find(a, host, store, user, &owner, NULL) < 0)
+		return db_error(L, a);
+	if(!owner) {
+		lua_pushboolean(L, 0);
+		return 1;
+	}
+	st = stmt_get(a, "UPDATE items SET value = ?3, \"when\" = coalesce(?4, \"when\"), \"with\" = coalesce(?5, \"with\")"
+		" WHERE owner = ?1 AND key = ?2");
+	if(!st)
+		return db_error(L, a);
+	sqlite3_bind_int64(st, 1, owner);
+	sqlite3_bind_text(st, 2, key, (int)key_len, SQLITE_TRANSIENT);
+	sqlite3_bind_blob(st, 3, a->buf, (int)a->buf_len, SQLITE_STATIC);
+	if(has_when)
+		sqlite3_bind_double(st, 4, when);
+	if(with)
+		sqlite3_bind_text(st, 5, with, (int)with_len, SQLITE_TRANSIENT);
+	rc = sqlite3_step(st);
+	sqlite3_reset(st);
+	sqlite3_clear_bindings(st);
+	if(rc != SQLITE_DONE)
+		return db_error(L, a);
+	lua_pushboolean(L, sqlite3_changes(a->db) > 0);
+	return 1;
+}
+
+/* Deletes up to `batch` rows of one owner matching q (seq bounds included);
+ * returns the number deleted, or -1. */
+static int delete_batch(lua_State *L, archive_db *a, const struct query *q, sqlite3_int64 owner, int batch) {
+	struct where w;
+	sqlite3_stmt *st;
+	char tail[48];
+	int rc, changed;
+	if(where_build(&w, q, owner, 1) < 0) {
+		where_free(&w);
+		return -1;
+	}
+	snprintf(tail, sizeof tail, " LIMIT %d)", batch);
+	st = prepare_where(L, a, q, &w, "DELETE FROM items WHERE seq IN (SELECT seq FROM items WHERE ", tail);
+	where_free(&w);
+	if(!st)
+		return -1;
+	rc = sqlite3_step(st);
+	sqlite3_reset(st);
+	if(rc != SQLITE_DONE)
+		return -1;
+	changed = sqlite3_changes(a->db);
+	if(owner_adjust(a, owner, -changed) < 0)
+		return -1;
+	return changed;
+}
+
+/* For truncate: turns "keep the N newest (oldest if reverse) matching" into a seq
+ * bound. Returns 1 when nothing is to be deleted, 0 when q now selects the rest. */
+static int truncate_bound(lua_State *L, archive_db *a, struct query *q, sqlite3_int64 owner, int *err) {
+	struct where w;
+	sqlite3_stmt *st;
+	char tail[80];
+	int rc;
+	sqlite3_int64 seq;
+	*err = 0;
+	if(q->truncate == 0)
+		return 0;
+	if(where_build(&w, q, owner, 1) < 0) {
+		where_free(&w);
+		*err = 1;
+		return 1;
+	}
+	snprintf(tail, sizeof tail, " ORDER BY seq %s LIMIT 1 OFFSET %lld", q->reverse ? "ASC" : "DESC", (long long)(q->truncate - 1));
+	st = prepare_where(L, a, q, &w, "SELECT seq FROM items WHERE ", tail);
+	where_free(&w);
+	if(!st) {
+		*err = 1;
+		return 1;
+	}
+	rc = sqlite3_step(st);
+	seq = rc == SQLITE_ROW ? sqlite3_column_int64(st, 0) : 0;
+	sqlite3_reset(st);
+	if(rc != SQLITE_ROW) {
+		*err = rc != SQLITE_DONE;
+		return 1;
+	}
+	if(q->reverse)
+		q->after_seq = seq > q->after_seq ? seq : q->after_seq;
+	else
+		q->before_seq = (!q->before_seq || seq < q->before_seq) ? seq : q->before_seq;
+	return 0;
+}
+
+/* Deletes matching items of one owner until done or out of time. Returns -1 on
+ * SQLite error, else whether rows may remain. */
+static int delete_owner(lua_State *L, archive_db *a, struct query q, sqlite3_int64 owner,
+		double deadline, lua_Integer *deleted, int *unknown_id) {
+	int batch = 64, got, err;
+	int range = resolve_range(a, owner, &q);
+	if(range == -2)
+		return -1;
+	if(range == -1) {
+		*unknown_id = 1;
+		return 0;
+	}
+	if(q.has_truncate) {
+		if(truncate_bound(L, a, &q, owner, &err))
+			return err ? -1 : 0;
+	}
+	for(;;) {
+		got = delete_batch(L, a, &q, owner, batch);
+		if(got < 0)
+			return -1;
+		*deleted += got;
+		if(got < batch)
+			return 0;
+		if(pn_monotonic() >= deadline)
+			return 1;
+		if(batch < 4096)
+			batch *= 2;
+	}
+}
+
+/* db:delete(host, store, user | true, query?, budget?) -> deleted, more | nil, err, code
+ * user == true deletes from every owner of (host, store). Works for at most `budget`
+ * seconds (default: no limit) in one transaction; `more` says whether to call again. */
+static int Larchive_delete(lua_State *L) {
+	archive_db *a = check_db(L);
+	const char *host = luaL_checkstring(L, 2);
+	const char *store = luaL_checkstring(L, 3);
+	int wildcard = lua_isboolean(L, 4) && lua_toboolean(L, 4);
+	const char *user = wildcard ? NULL : luaL_checkstring(L, 4);
+	double budget = luaL_optnumber(L, 6, -1);
+	double deadline = budget < 0 ? HUGE_VAL : pn_monotonic() + budget;
+	struct query q;
+	lua_Integer deleted = 0;
+	int more = 0, unknown_id = 0;
+	sqlite3_int64 owner;
+
+	read_query(L, 5, &q);
+	recover(a);
+	if(exec_sql(a, "BEGIN IMMEDIATE") != SQLITE_OK)
+		return db_error(L, a);
+	if(!wildcard) {
+		if(owner_find(a, host, store, user, &owner, NULL) < 0)
+			return db_error(L, a);
+		if(owner) {
+			more = delete_owner(L, a, q, owner, deadline, &deleted, &unknown_id);
+			if(more < 0)
+				return db_error(L, a);
+		} else if(q.before || q.after) {
+			unknown_id = 1;
+		}
+	} else {
+		/* Owners are few next to items; list them first so no read stays open
+		 * while deleting. */
+		sqlite3_stmt *st = stmt_get(a, "SELECT id FROM owners WHERE host = ?1 AND store = ?2 AND items > 0");
+		int n = 0, i, rc, ids;
+		if(!st)
+			return db_error(L, a);
+		sqlite3_bind_text(st, 1, host, -1, SQLITE_TRANSIENT);
+		sqlite3_bind_text(st, 2, store, -1, SQLITE_TRANSIENT);
+		lua_newtable(L);
+		ids = lua_gettop(L);
+		while((rc = sqlite3_step(st)) == SQLITE_ROW) {
+			lua_pushinteger(L, sqlite3_column_int64(st, 0));
+			lua_rawseti(L, ids, ++n);
+		}
+		sqlite3_reset(st);
+		if(rc != SQLITE_DONE)
+			return db_error(L, a);
+		for(i = 1; i <= n && !more; i++) {
+			int unknown_here = 0;
+			lua_rawgeti(L, ids, i);
+			owner = lua_tointeger(L, -1);
+			lua_pop(L, 1);
+			more = delete_owner(L, a, q, owner, deadline, &deleted, &unknown_here);
+			if(more < 0)
+				return db_error(L, a);
+			if(!more && i < n && pn_monotonic() >= deadline)
+				more = 1;
+		}
+	}
+	if(exec_sql(a, "COMMIT") != SQLITE_OK)
+		return db_error(L, a);
+	if(unknown_id)
+		return pn_fail(L, "item-not-found", "item-not-found");
+	lua_pushinteger(L, deleted);
+	lua_pushboolean(L, more);
+	return 2;
+}
+
+/* ---------------------------------------------------------------- listings */
+
+/* db:summary(host, store, user, query?) -> counts, earliest, latest | nil, err, code */
+static int Larchive_summary(lua_State *L) {
+	archive_db *a = check_db(L);
+	const char *host = luaL_checkstring(L, 2);
+	const char *store = luaL_checkstring(L, 3);
+	const char *user = luaL_checkstring(L, 4);
+	struct query q;
+	struct where w;
+	sqlite3_int64 owner;
+	sqlite3_stmt *st;
+	int rc, range;
+
+	read_query(L, 5, &q);
+	recover(a);
+	lua_newtable(L);
+	lua_newtable(L);
+	lua_newtable(L);
+	if(owner_find(a, host, store, user, &owner, NULL) < 0)
+		return db_error(L, a);
+	if(!owner)
+		return 3;
+	range = resolve_range(a, owner, &q);
+	if(range == -2)
+		return db_error(L, a);
+	if(range == -1)
+		return pn_fail(L, "item-not-found", "item-not-found");
+	if(where_build(&w, &q, owner, 1) < 0) {
+		where_free(&w);
+		return luaL_error(L, "out of memory");
+	}
+	st = prepare_where(L, a, &q, &w, "SELECT \"with\", COUNT(*), MIN(\"when\"), MAX(\"when\") FROM items WHERE ",
+		" GROUP BY \"with\"");
+	where_free(&w);
+	if(!st)
+		return db_error(L, a);
+	while((rc = sqlite3_step(st)) == SQLITE_ROW) {
+		const char *with = (const char *)sqlite3_column_text(st, 0);
+		lua_pushinteger(L, sqlite3_column_int64(st, 1));
+		lua_setfield(L, -4, with);
+		push_when(L, sqlite3_column_double(st, 2));
+		lua_setfield(L, -3, with);
+		push_when(L, sqlite3_column_double(st, 3));
+		lua_setfield(L, -2, with);
+	}
+	sqlite3_reset(st);
+	if(rc != SQLITE_DONE)
+		return db_error(L, a);
+	return 3;
+}
+
+/* Pushes an array of the first column of every row; the statement is bound. */
+static int push_column_list(lua_State *L, archive_db *a, sqlite3_stmt *st) {
+	int rc, n = 0;
+	lua_newtable(L);
+	while((rc = sqlite3_step(st)) == SQLITE_ROW) {
+		lua_pushlstring(L, (const char *)sqlite3_column_text(st, 0), (size_t)sqlite3_column_bytes(st, 0));
+		lua_rawseti(L, -2, ++n);
+	}
+	sqlite3_reset(st);
+	if(rc != SQLITE_DONE) {
+		lua_pop(L, 1);
+		return db_error(L, a);
+	}
+	return 1;
+}
+
+/* db:users(host, store) -> { user, ... } (owners holding at least one item) */
+static int Larchive_users(lua_State *L) {
+	archive_db *a = check_db(L);
+	const char *host = luaL_checkstring(L, 2);
+	const char *store = luaL_checkstring(L, 3);
+	sqlite3_stmt *st;
+	recover(a);
+	st = stmt_get(a, "SELECT user FROM owners WHERE host = ?1 AND store = ?2 AND items > 0 ORDER BY user");
+	if(!st)
+		return db_error(L, a);
+	sqlite3_bind_text(st, 1, host, -1, SQLITE_TRANSIENT);
+	sqlite3_bind_text(st, 2, store, -1, SQLITE_TRANSIENT);
+	return push_column_list(L, a, st);
+}
+
+/* db:stores(host, user?) -> { store, ... } (stores with items, for that user if given) */
+static int Larchive_stores(lua_State *L) {
+	archive_db *a = check_db(L);
+	const char *host = luaL_checkstring(L, 2);
+	const char *user = luaL_optstring(L, 3, NULL);
+	sqlite3_stmt *st;
+	recover(a);
+	st = stmt_get(a, user
+		? "SELECT DISTINCT store FROM owners WHERE host = ?1 AND user = ?2 AND items > 0 ORDER BY store"
+		: "SELECT DISTINCT store FROM owners WHERE host = ?1 AND items > 0 ORDER BY store");
+	if(!st)
+		return db_error(L, a);
+	sqlite3_bind_text(st, 1, host, -1, SQLITE_TRANSIENT);
+	if(user)
+		sqlite3_bind_text(st, 2, user, -1, SQLITE_TRANSIENT);
+	return push_column_list(L, a, st);
+}
+
+/* db:dates(host, store, user) -> { "YYYY-MM-DD", ... } (UTC days with items, ascending)
+ * One index seek per day with items, never a scan of the archive. */
+static int Larchive_dates(lua_State *L) {
+	archive_db *a = check_db(L);
+	const char *host = luaL_checkstring(L, 2);
+	const char *store = luaL_checkstring(L, 3);
+	const char *user = luaL_checkstring(L, 4);
+	sqlite3_int64 owner;
+	sqlite3_stmt *st;
+	double from = -HUGE_VAL;
+	int n = 0, rc;
+
+	recover(a);
+	if(owner_find(a, host, store, user, &owner, NULL) < 0)
+		return db_error(L, a);
+	lua_newtable(L);
+	if(!owner)
+		return 1;
+	st = stmt_get(a, "SELECT \"when\" FROM items WHERE owner = ?1 AND \"when\" >= ?2 ORDER BY \"when\" LIMIT 1");
+	if(!st)
+		return db_error(L, a);
+	for(;;) {
+		double when, day;
+		time_t t;
+		struct tm tm;
+		char date[16];
+		sqlite3_bind_int64(st, 1, owner);
+		sqlite3_bind_double(st, 2, from);
+		rc = sqlite3_step(st);
+		if(rc != SQLITE_ROW)
+			break;
+		when = sqlite3_column_double(st, 0);
+		sqlite3_reset(st);
+		day = floor(when / 86400.0) * 86400.0;
+		t = (time_t)day;
+		if(!gmtime_r(&t, &tm))
+			break;
+		strftime(date, sizeof date, "%Y-%m-%d", &tm);
+		lua_pushstring(L, date);
+		lua_rawseti(L, -2, ++n);
+		from = day + 86400.0;
+	}
+	sqlite3_reset(st);
+	if(rc != SQLITE_ROW && rc != SQLITE_DONE)
+		return db_error(L, a);
+	return 1;
+}
+
+/* ---------------------------------------------------------------- maintenance */
+
+/* db:vacuum_step(pages?) -> free pages left | nil, err, code
+ * Returns up to `pages` free pages to the file system (incremental vacuum). */
+static int Larchive_vacuum_step(lua_State *L) {
+	archive_db *a = check_db(L);
+	lua_Integer pages = luaL_optinteger(L, 2, 256);
+	char sql[64];
+	sqlite3_stmt *st;
+	sqlite3_int64 left = 0;
+	recover(a);
+	snprintf(sql, sizeof sql, "PRAGMA incremental_vacuum(%lld)", (long long)(pages > 0 ? pages : 1));
+	if(exec_sql(a, sql) != SQLITE_OK)
+		return db_error(L, a);
+	st = stmt_get(a, "PRAGMA freelist_count");
+	if(!st)
+		return db_error(L, a);
+	if(sqlite3_step(st) == SQLITE_ROW)
+		left = sqlite3_column_int64(st, 0);
+	sqlite3_reset(st);
+	lua_pushinteger(L, left);
+	return 1;
+}
+
+/* db:backup(path) -> true | nil, err, code
+ * A consistent copy of the whole database, taken while others keep writing. */
+static int Larchive_backup(lua_State *L) {
+	archive_db *a = check_db(L);
+	const char *path = luaL_checkstring(L, 2);
+	sqlite3_stmt *st;
+	int rc;
+	recover(a);
+	if(sqlite3_prepare_v2(a->db, "VACUUM INTO ?1", -1, &st, NULL) != SQLITE_OK)
+		return db_error(L, a);
+	sqlite3_bind_text(st, 1, path, -1, SQLITE_TRANSIENT);
+	rc = sqlite3_step(st);
+	sqlite3_finalize(st);
+	if(rc != SQLITE_DONE)
+		return db_error(L, a);
+	lua_pushboolean(L, 1);
+	return 1;
+}
+
+/* db:check() -> true | false, { problem, ... }
+ * SQLite's integrity check plus the per-owner counters against real counts. */
+static int Larchive_check(lua_State *L) {
+	archive_db *a = check_db(L);
+	sqlite3_stmt *st;
+	int rc, n = 0;
+	recover(a);
+	lua_newtable(L);
+	if(sqlite3_prepare_v2(a->db, "PRAGMA integrity_check", -1, &st, NULL) != SQLITE_OK)
+		return db_error(L, a);
+	while((rc = sqlite3_step(st)) == SQLITE_ROW) {
+		const char *line = (const char *)sqlite3_column_text(st, 0);
+		if(strcmp(line, "ok") != 0) {
+			lua_pushstring(L, line);
+			lua_rawseti(L, -2, ++n);
+		}
+	}
+	sqlite3_finalize(st);
+	if(rc != SQLITE_DONE)
+		return db_error(L, a);
+	if(sqlite3_prepare_v2(a->db, "SELECT o.host, o.store, o.user, o.items, (SELECT COUNT(*) FROM items i WHERE i.owner = o.id)"
+			" FROM owners o WHERE o.items != (SELECT COUNT(*) FROM items i WHERE i.owner = o.id)", -1, &st, NULL) != SQLITE_OK)
+		return db_error(L, a);
+	while((rc = sqlite3_step(st)) == SQLITE_ROW) {
+		lua_pushfstring(L, "counter of %s/%s/%s says %d items, it has %d",
+			(const char *)sqlite3_column_text(st, 0), (const char *)sqlite3_column_text(st, 1),
+			(const char *)sqlite3_column_text(st, 2), sqlite3_column_int(st, 3), sqlite3_column_int(st, 4));
+		lua_rawseti(L, -2, ++n);
+	}
+	sqlite3_finalize(st);
+	if(rc != SQLITE_DONE)
+		return db_error(L, a);
+	lua_pushboolean(L, n == 0);
+	lua_insert(L, -2);
+	return 2;
+}
+
+/* db:stats() -> { items, owners, pages, free_pages, page_size, wal_bytes } */
+static int Larchive_stats(lua_State *L) {
+	archive_db *a = check_db(L);
+	static const struct { const char *name, *sql; } probes[] = {
+		{ "items", "SELECT coalesce(sum(items), 0) FROM owners" },
+		{ "owners", "SELECT count(*) FROM owners WHERE items > 0" },
+		{ "pages", "PRAGMA page_count" },
+		{ "free_pages", "PRAGMA freelist_count" },
+		{ "page_size", "PRAGMA page_size" },
+	};
+	size_t i;
+	const char *file;
+	recover(a);
+	lua_newtable(L);
+	for(i = 0; i < sizeof probes / sizeof probes[0]; i++) {
+		sqlite3_stmt *st = stmt_get(a, probes[i].sql);
+		if(!st)
+			return db_error(L, a);
+		if(sqlite3_step(st) == SQLITE_ROW) {
+			lua_pushinteger(L, sqlite3_column_int64(st, 0));
+			lua_setfield(L, -2, probes[i].name);
+		}
+		sqlite3_reset(st);
+	}
+	file = sqlite3_db_filename(a->db, "main");
+	if(file && *file) {
+		char wal[4096];
+		FILE *f;
+		snprintf(wal, sizeof wal, "%s-wal", file);
+		f = fopen(wal, "rb");
+		if(f) {
+			if(fseek(f, 0, SEEK_END) == 0) {
+				lua_pushinteger(L, ftell(f));
+				lua_setfield(L, -2, "wal_bytes");
+			}
+			fclose(f);
+		}
+		lua_pushstring(L, file);
+		lua_setfield(L, -2, "path");
+	}
+	return 1;
+}
+
+/* archive._encode(value, element_mt?) -> string; archive._decode(string, element_mt?) -> value
+ * The value codec alone, for tests and the fuzzer. */
+static int Larchive_encode(lua_State *L) {
+	/* A closed database object owns the scratch buffer, so its __gc frees it even
+	 * when encoding raises. */
+	archive_db *tmp;
+	luaL_checkany(L, 1);
+	tmp = lua_newuserdatauv(L, sizeof *tmp, 0);
+	memset(tmp, 0, sizeof *tmp);
+	tmp->element_mt_ref = LUA_NOREF;
+	luaL_setmetatable(L, ARCHIVE_MT);
+	if(lua_istable(L, 2)) {
+		lua_pushvalue(L, 2);
+		tmp->element_mt_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+	}
+	encode(L, tmp, 1);
+	lua_pushlstring(L, (const char *)tmp->buf, tmp->buf_len);
+	archive_release(L, tmp);
+	return 1;
+}
+
+static int Larchive_decode(lua_State *L) {
+	size_t len;
+	const char *s = luaL_checklstring(L, 1, &len);
+	int mt = lua_istable(L, 2) ? 2 : 0;
+	luaL_argcheck(L, len < 0x7fffffff, 1, "too long");
+	decode(L, s, (int)len, mt);
+	return 1;
+}
+
+/* archive.sqlite_version() -> string */
+static int Larchive_sqlite_version(lua_State *L) {
+	lua_pushstring(L, sqlite3_libversion());
+	return 1;
+}
+
+static const luaL_Reg archive_meta[] = {
+	{ "__gc", Larchive_close },
+	{ "__close", Larchive_close },
+	{ "__tostring", Larchive_tostring },
+	{ NULL, NULL }
+};
+
+static const luaL_Reg archive_methods[] = {
+	{ "close", Larchive_close },
+	{ "append", Larchive_append },
+	{ "find", Larchive_find },
+	{ "get", Larchive_get },
+	{ "set", Larchive_set },
+	{ "delete", Larchive_delete },
+	{ "summary", Larchive_summary },
+	{ "users", Larchive_users },
+	{ "stores", Larchive_stores },
+	{ "dates", Larchive_dates },
+	{ "vacuum_step", Larchive_vacuum_step },
+	{ "backup", Larchive_backup },
+	{ "check", Larchive_check },
+	{ "stats", Larchive_stats },
+	{ NULL, NULL }
+};
+
+static const luaL_Reg archive_functions[] = {
+	{ "open", Larchive_open },
+	{ "sqlite_version", Larchive_sqlite_version },
+	{ "_encode", Larchive_encode },
+	{ "_decode", Larchive_decode },
+	{ NULL, NULL }
+};
+
+int luaopen_prosody_native_archive(lua_State *L);
+int luaopen_prosody_native_archive(lua_State *L) {
+	luaL_checkversion(L);
+	pn_new_class(L, ARCHIVE_MT, archive_meta, archive_methods);
+	luaL_newlib(L, archive_functions);
+	lua_pushinteger(L, PN_ABI);
+	lua_setfield(L, -2, "_ABI");
+	return 1;
+}

@@ -1,0 +1,341 @@
+-- mod_storage_native: Prosody archive storage (mod_mam, mod_muc_mam, mod_offline, pubsub
+-- items, uploads) on SQLite through the prosody_native.archive engine.
+-- keyval and map stores are delegated to another driver (storage_native_delegate).
+-- luacheck: globals prosody
+
+local st = require "util.stanza";
+local async = require "util.async";
+local storagemanager = require "core.storagemanager";
+local resolve_relative_path = require "util.paths".resolve_relative_path;
+local engine = module:require("prosody_native_loader").load("archive");
+
+local host = module.host;
+local store_host = host == "*" and "" or host;
+
+-- Options: each is checked here, so a bad value stops the module with its name.
+local function option_error(name, value, expected)
+	local msg = ("option '%s' must be %s, not %q"):format(name, expected, tostring(value));
+	module:log_status("error", "%s", msg);
+	error(msg, 0);
+end
+
+local function number_option(name, default, min, max, integer)
+	local value = module:get_option(name, default);
+	if value == nil then return nil; end
+	if type(value) == "string" then value = tonumber(value) or value; end
+	if type(value) ~= "number" or value ~= value or value < min or value > max
+	or (integer and value % 1 ~= 0) then
+		option_error(name, value, ("a%s number from %s to %s"):format(integer and "n integer" or "", min, max));
+	end
+	return value;
+end
+
+local function choice_option(name, default, choices)
+	local value = module:get_option(name, default);
+	if not choices[value] then
+		local list = {};
+		for k in pairs(choices) do list[#list+1] = ("%q"):format(k); end
+		table.sort(list);
+		option_error(name, value, "one of " .. table.concat(list, ", "));
+	end
+	return value;
+end
+
+local db_path = module:get_option("storage_native_path", "prosody-native.sqlite");
+if type(db_path) ~= "string" or db_path == "" then
+	option_error("storage_native_path", db_path, "a file name");
+end
+db_path = resolve_relative_path(prosody.paths.data, db_path);
+local durability = choice_option("storage_native_durability", "normal", { normal = true, full = true });
+local sync_interval = number_option("storage_native_sync_interval", 1, 0.001, 3600);
+local busy_timeout = number_option("storage_native_busy_timeout", 5000, 0, 600000, true);
+local slice = number_option("storage_native_delete_slice", 0.01, 0.001, 10);
+local item_limit = number_option("storage_archive_item_limit", nil, 0, 2^53, true);
+local delegate_name = module:get_option_string("storage_native_delegate", "internal");
+if delegate_name == "native" then
+	option_error("storage_native_delegate", delegate_name, "another storage driver (keyval and map stores)");
+end
+
+-- One connection per database file for the whole server, shared by every host.
+local connections = module:shared("/*/storage_native/connections");
+local db = connections[db_path];
+if not db then
+	local err;
+	db, err = engine.open(db_path, {
+		durability = durability;
+		sync_interval = sync_interval;
+		busy_timeout = busy_timeout;
+		element_mt = st.stanza_mt;
+	});
+	if not db then
+		local msg = ("cannot open the archive database %s"):format(err);
+		module:log_status("error", "%s", msg);
+		error(msg, 0);
+	end
+	connections[db_path] = db;
+	module:log("info", "Archive database %s (SQLite %s, durability %s)", db_path, engine.sqlite_version(), durability);
+end
+
+local op_seconds = module:metric("histogram", "op_duration", "seconds",
+	"Time spent in the archive engine per operation", { "op" },
+	{ buckets = { 0.00001, 0.00005, 0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 1 } });
+local m_append, m_find, m_delete = op_seconds:with_labels("append"), op_seconds:with_labels("find"), op_seconds:with_labels("delete");
+local m_items = module:metric("gauge", "items", "", "Items in the archive database (all hosts)", {});
+local m_bytes = module:metric("gauge", "database_size", "bytes", "Size of the archive database file", {});
+local m_errors = module:metric("counter", "errors", "", "Engine operations that failed", { "op" });
+local clock = require "util.time".now;
+
+-- Expected outcomes (item-not-found, quota-limit) pass quietly; the rest is logged.
+local function failed(op, err, code)
+	m_errors:with_labels(op):add(1);
+	if code ~= "item-not-found" and code ~= "quota-limit" then
+		module:log("error", "Archive %s failed: %s", op, err);
+	end
+	return nil, code or err;
+end
+
+-- Lets other work run between slices when called from an async context (stanza
+-- handlers, module:daily jobs); elsewhere the slices simply run back to back.
+local function yield_between_slices()
+	if async.ready() then
+		pcall(async.sleep, 0);
+	end
+end
+
+local PAGE = 256; -- items the engine materialises per call when the caller wants many
+
+local archive_store = {};
+archive_store.__index = archive_store;
+archive_store.caps = {
+	total = true;
+	quota = item_limit;
+	truncate = true;
+	full_id_range = true;
+	ids = true;
+	wildcard_delete = true;
+};
+archive_store.remove = {};
+
+function archive_store:append(username, key, value, when, with)
+	local t0 = clock();
+	local ok, ret, err, code = pcall(db.append, db, store_host, self.store, username or "", key, value,
+		when or os.time(), with or "", item_limit);
+	m_append:sample(clock() - t0);
+	if not ok then
+		return failed("append", ret, "unsupported-datatype");
+	elseif not ret then
+		return failed("append", err, code);
+	end
+	return ret;
+end
+
+-- The engine's view of a query: a fresh table (callers may reuse or mutate theirs).
+local function engine_query(query, limit)
+	local before, after = query.before, query.after;
+	return {
+		start = query.start; ["end"] = query["end"]; with = query.with; key = query.key;
+		ids = query.ids; reverse = query.reverse; total = query.total;
+		before = type(before) == "string" and before or nil;
+		after = type(after) == "string" and after or nil;
+		limit = limit;
+	};
+end
+
+function archive_store:find(username, query)
+	query = query or {};
+	local user, store = username or "", self.store;
+	local wanted = query.limit; -- nil: everything, in pages
+	local q = engine_query(query, wanted and math.min(wanted, PAGE) or PAGE);
+	if wanted == 0 then q.limit = 0; end
+	local t0 = clock();
+	local rows, n, total, last = db:find(store_host, store, user, q);
+	m_find:sample(clock() - t0);
+	if not rows then return failed("find", n, total); end
+	local given, i = 0, 0;
+	local function next_page()
+		if n < q.limit or (wanted and given >= wanted) then return false; end
+		q.total, q.cursor = nil, last;
+		q.limit = wanted and math.min(wanted - given, PAGE) or PAGE;
+		local err, code;
+		rows, n, err, last = db:find(store_host, store, user, q);
+		if not rows then
+			failed("find", n, err);
+			n = 0;
+			return false;
+		end
+		i = 0;
+		return n > 0;
+	end
+	return function ()
+		if i >= n and not next_page() then return nil; end
+		i = i + 1;
+		given = given + 1;
+		local b = 4 * (i - 1);
+		return rows[b+1], rows[b+2], rows[b+3], rows[b+4];
+	end, total;
+end
+
+function archive_store:get(username, key)
+	local value, when, with = db:get(store_host, self.store, username or "", key);
+	if value == nil then
+		if with ~= "item-not-found" then return failed("get", when, with); end
+		return nil, "item-not-found";
+	end
+	return value, when, with;
+end
+
+function archive_store:set(username, key, value, when, with)
+	local ok, ret, err, code = pcall(db.set, db, store_host, self.store, username or "", key, value, when, with);
+	if not ok then return failed("set", ret, "unsupported-datatype"); end
+	if ret == nil then return failed("set", err, code); end
+	return ret;
+end
+
+-- Deletes in slices of at most storage_native_delete_slice seconds each, so a huge
+-- expiry never stalls the server, then hands freed pages back to the file system.
+function archive_store:delete(username, query)
+	local user = username == true or username or "";
+	local q = query and engine_query(query) or {};
+	if query then q.truncate = query.truncate; end
+	local deleted = 0;
+	repeat
+		local t0 = clock();
+		local count, more, code = db:delete(store_host, self.store, user, q, slice);
+		m_delete:sample(clock() - t0);
+		if not count then return failed("delete", more, code); end
+		deleted = deleted + count;
+		if more then yield_between_slices(); end
+	until not more
+	if deleted > 0 then
+		repeat
+			local free = db:vacuum_step(256);
+			if free and free > 0 then yield_between_slices(); end
+		until not free or free == 0
+	end
+	return deleted;
+end
+
+function archive_store:summary(username, query)
+	local counts, earliest, latest = db:summary(store_host, self.store, username or "", query and engine_query(query));
+	if not counts then return failed("summary", earliest, latest); end
+	return { counts = counts; earliest = earliest; latest = latest };
+end
+
+function archive_store:users()
+	local list, err, code = db:users(store_host, self.store);
+	if not list then
+		failed("users", err, code);
+		list = {};
+	end
+	local i = 0;
+	return function ()
+		i = i + 1;
+		return list[i];
+	end;
+end
+
+function archive_store:dates(username)
+	local list, err, code = db:dates(store_host, self.store, username or "");
+	if not list then return failed("dates", err, code); end
+	return list;
+end
+
+local driver = {};
+
+local function delegate()
+	local d, err = storagemanager.load_driver(host, delegate_name);
+	if not d then
+		module:log("error", "Cannot load storage_native_delegate %q: %s", delegate_name, tostring(err));
+	end
+	return d, err;
+end
+
+function driver:open(store, typ)
+	if typ == "archive" then
+		return setmetatable({ store = store }, archive_store);
+	end
+	local d, err = delegate();
+	if not d then return nil, err; end
+	return d:open(store, typ);
+end
+
+function driver:stores(username, typ)
+	if typ ~= "archive" then
+		local d = delegate();
+		if d and d.stores then return d:stores(username, typ); end
+		return nil, "unsupported";
+	end
+	local list = db:stores(store_host, username ~= true and username or nil) or {};
+	local i = 0;
+	return function () i = i + 1; return list[i]; end;
+end
+
+function driver:purge(username)
+	local stores, err, code = db:stores(store_host, username);
+	if not stores then return failed("purge", err, code); end
+	for _, store in ipairs(stores) do
+		local ok, perr = archive_store.delete({ store = store }, username);
+		if not ok then return nil, perr; end
+	end
+	local d = delegate();
+	if d and d.purge then return d:purge(username); end
+	return true;
+end
+
+module:provides("storage", driver);
+
+module:hook_global("stats-update", function ()
+	local stats = db:stats();
+	if stats then
+		m_items:with_labels():set(stats.items or 0);
+		m_bytes:with_labels():set((stats.pages or 0) * (stats.page_size or 0) + (stats.wal_bytes or 0));
+	end
+end);
+
+-- prosodyctl mod_storage_native <command>
+local commands = {};
+
+function commands.check()
+	local ok, problems = db:check();
+	if ok == nil then print("check failed: " .. tostring(problems)); return 1; end
+	if ok then print(("%s: ok"):format(db_path)); return 0; end
+	for _, line in ipairs(problems) do print(line); end
+	return 1;
+end
+
+function commands.backup(target)
+	if not target then print("usage: prosodyctl mod_storage_native backup <file>"); return 2; end
+	local ok, err = db:backup(target);
+	if not ok then print("backup failed: " .. tostring(err)); return 1; end
+	print(("%s -> %s: done"):format(db_path, target));
+	return 0;
+end
+
+function commands.stats()
+	local stats = assert(db:stats());
+	for _, k in ipairs({ "path", "items", "owners", "pages", "free_pages", "page_size", "wal_bytes" }) do
+		print(("%-11s %s"):format(k, tostring(stats[k])));
+	end
+	return 0;
+end
+
+function commands.vacuum()
+	local free;
+	repeat free = db:vacuum_step(4096); until not free or free == 0
+	print("free pages returned to the file system");
+	return 0;
+end
+
+function commands.import(source, ...)
+	return module:require("storage_native_import").run(source, { ... }, db, store_host);
+end
+
+function module.command(arg)
+	local name = table.remove(arg, 1);
+	local command = commands[name];
+	if not command then
+		print("usage: prosodyctl mod_storage_native check | stats | vacuum | backup <file> | import <driver> [store ...]");
+		return 2;
+	end
+	return command(table.unpack(arg));
+end
