@@ -327,7 +327,7 @@ function commands.vacuum()
 end
 
 function commands.import(source, ...)
-	return module:require("storage_native_import").run(source, { ... }, db, store_host);
+	return module:require("storage_native_import").run(source, { ... }, db);
 end
 
 function module.command(arg)

@@ -1,0 +1,234 @@
+-- prosody_native.archive on its own: no Prosody, plain Lua values and a metatable
+-- standing in for util.stanza's.
+
+local archive = require "prosody_native.archive";
+
+local element_mt = { __name = "element" };
+local function el(name, attr, ...)
+	local e = setmetatable({ name = name, attr = attr or {}, tags = {} }, element_mt);
+	for i = 1, select("#", ...) do
+		local child = select(i, ...);
+		e[i] = child;
+		if type(child) == "table" then e.tags[#e.tags+1] = child; end
+	end
+	return e;
+end
+
+local dir = os.tmpname();
+os.remove(dir);
+os.execute("mkdir -p " .. dir);
+local n_db = 0;
+local function fresh(options)
+	n_db = n_db + 1;
+	options = options or {};
+	options.element_mt = element_mt;
+	local path = ("%s/a%d.sqlite"):format(dir, n_db);
+	return assert(archive.open(path, options)), path;
+end
+
+local function sqlite(path, sql)
+	local p = assert(io.popen(("sqlite3 %q %q"):format(path, sql)));
+	local out = p:read("*a");
+	p:close();
+	return out;
+end
+
+describe("prosody_native.archive", function ()
+	teardown(function () os.execute("rm -rf " .. dir); end);
+
+	it("reports its interface version and SQLite's", function ()
+		assert.equal(1, archive._ABI);
+		assert.matches("^3%.%d+", archive.sqlite_version());
+	end);
+
+	describe("open", function ()
+		it("refuses unknown durability modes and bad intervals", function ()
+			assert.has_error(function () archive.open(dir .. "/x.sqlite", { durability = "fast" }); end,
+				"durability must be \"full\" or \"normal\", not \"fast\"");
+			assert.has_error(function () archive.open(dir .. "/x.sqlite", { sync_interval = 0 }); end);
+			assert.has_error(function () archive.open(dir .. "/x.sqlite", { busy_timeout = "soon" }); end);
+		end);
+
+		it("fails with a message and a code for a file that is not a database", function ()
+			local path = dir .. "/junk.sqlite";
+			local f = assert(io.open(path, "w"));
+			f:write(("junk"):rep(1000));
+			f:close();
+			local db, err, code = archive.open(path);
+			assert.is_nil(db);
+			assert.matches("junk.sqlite: file is not a database", err, 1, true);
+			assert.equal("read", code);
+		end);
+
+		it("fails when the directory does not exist", function ()
+			local db, err = archive.open(dir .. "/missing/dir/x.sqlite");
+			assert.is_nil(db);
+			assert.matches("missing/dir/x.sqlite", err, 1, true);
+		end);
+
+		it("closes once, by hand, by <close> or by the collector", function ()
+			local db = fresh();
+			db:close();
+			db:close();
+			assert.has_error(function () db:find("h", "s", "u"); end);
+			assert.matches("closed", tostring(db));
+			do
+				local scoped <close> = fresh();
+				assert(scoped:append("h", "s", "u", nil, "v", 1, ""));
+			end
+			fresh();
+			collectgarbage();
+			collectgarbage();
+		end);
+	end);
+
+	describe("value codec", function ()
+		local function roundtrip(v)
+			return archive._decode(archive._encode(v, element_mt), element_mt);
+		end
+
+		it("round-trips Lua values", function ()
+			for _, v in ipairs({ true, false, 0, -1, math.maxinteger, math.mininteger, 0.5, -1e300, 1/0, "", "x\0y",
+				{}, { 1, 2, 3 }, { a = { b = { c = "d" } }, [1.5] = true, [false] = 0 } }) do
+				assert.same(v, roundtrip(v));
+				assert.equal(math.type(v), math.type(roundtrip(v)));
+			end
+			assert.is_true(roundtrip(0/0) ~= roundtrip(0/0));
+		end);
+
+		it("rebuilds elements with their metatable, children and tags", function ()
+			local e = el("message", { to = "a@b", ["xml:lang"] = "en" },
+				el("body", nil, "hello <&> ", "world"), "text", el("x", { xmlns = "urn:x" }));
+			e.namespaces = { x = "urn:x" };
+			local back = roundtrip(e);
+			assert.equal(element_mt, getmetatable(back));
+			assert.same(e, back);
+			assert.equal(back[1], back.tags[1]);
+			assert.equal(back[3], back.tags[2]);
+			assert.equal(element_mt, getmetatable(back.tags[2]));
+		end);
+
+		it("refuses what it cannot store, naming it", function ()
+			assert.has_error(function () archive._encode(print); end, "cannot archive value of type function");
+			assert.has_error(function () archive._encode(el("a", { n = 1 }), element_mt); end,
+				"cannot archive element: attribute is a number, not a string");
+			assert.has_error(function () archive._encode(el("a", nil, 42), element_mt); end,
+				"cannot archive element: child 1 is a number");
+			local deep = {};
+			for _ = 1, 100 do deep = { deep }; end
+			assert.has_error(function () archive._encode(deep); end, "cannot archive value: nested deeper than 64 levels");
+			local loop = {};
+			loop.self = loop;
+			assert.has_error(function () archive._encode(loop); end);
+		end);
+
+		it("rejects every truncation and many corruptions of an encoding cleanly", function ()
+			local blob = archive._encode(el("message", { id = "1" }, el("body", nil, "hi"), { 1 } and "t"), element_mt);
+			for len = 0, #blob - 1 do
+				assert.has_error(function () archive._decode(blob:sub(1, len), element_mt); end,
+					"archived value is corrupt or of an unknown format");
+			end
+			math.randomseed(42);
+			for _ = 1, 5000 do
+				local pos = math.random(#blob);
+				local mutated = blob:sub(1, pos - 1) .. string.char(math.random(0, 255)) .. blob:sub(pos + 1);
+				local ok, err = pcall(archive._decode, mutated, element_mt);
+				assert(ok or err:match("corrupt"), err);
+			end
+		end);
+	end);
+
+	describe("archives", function ()
+		it("pages with a cursor without holding anything open", function ()
+			local db, path = fresh();
+			for i = 1, 10 do assert(db:append("h", "s", "u", "k" .. i, "v" .. i, i, "")); end
+			local rows, n, total, last = db:find("h", "s", "u", { limit = 4, total = true });
+			assert.equal(4, n);
+			assert.equal(10, total);
+			assert.equal("k1", rows[1]);
+			assert.equal("v4", rows[14]);
+			rows, n = db:find("h", "s", "u", { limit = 4, cursor = last });
+			assert.equal("k5", rows[1]);
+			rows, n, total, last = db:find("h", "s", "u", { limit = 4, reverse = true });
+			rows = db:find("h", "s", "u", { limit = 4, reverse = true, cursor = last });
+			assert.equal("k6", rows[1]);
+			-- no read transaction is left: a checkpoint can reset the whole WAL
+			assert.matches("^0|", sqlite(path, "PRAGMA wal_checkpoint(TRUNCATE);"));
+		end);
+
+		it("raises on malformed query fields instead of guessing", function ()
+			local db = fresh();
+			assert.has_error(function () db:find("h", "s", "u", { limit = -1 }); end,
+				"query field 'limit' must be a non-negative integer");
+			assert.has_error(function () db:find("h", "s", "u", { start = "yesterday" }); end,
+				"query field 'start' must be a number");
+			assert.has_error(function () db:find("h", "s", "u", { ids = { 1 } }); end,
+				"query field 'ids' must hold strings");
+			assert.has_error(function () db:find("h", "s", "u", { with = {} }); end,
+				"query field 'with' must be a string, not a table");
+		end);
+
+		it("deletes within a time budget and says when there is more", function ()
+			local db = fresh();
+			for i = 1, 20000 do assert(db:append("h", "s", "u", nil, "v", i, "")); end
+			local deleted, more = db:delete("h", "s", "u", {}, 0);
+			assert.is_true(more);
+			assert.truthy(deleted > 0 and deleted < 20000);
+			local total = deleted;
+			repeat
+				deleted, more = db:delete("h", "s", "u", {}, 0.001);
+				total = total + deleted;
+			until not more
+			assert.equal(20000, total);
+			assert.is_true((db:check()));
+			local free = db:vacuum_step(1000000);
+			assert.equal(0, free);
+		end);
+
+		it("finds counters that disagree with the items", function ()
+			local db, path = fresh();
+			assert(db:append("h", "s", "u", nil, "v", 1, ""));
+			sqlite(path, "UPDATE owners SET items = 5;");
+			local ok, problems = db:check();
+			assert.is_false(ok);
+			assert.matches("counter of h/s/u says 5 items, it has 1", problems[1], 1, true);
+		end);
+
+		it("keeps appending while another process holds a read open", function ()
+			local db, path = fresh({ busy_timeout = 0 });
+			assert(db:append("h", "s", "u", nil, "v", 1, ""));
+			local reader = assert(io.popen(("/usr/bin/python3 -c %q"):format(table.concat({
+				"import sqlite3, sys, time",
+				("c = sqlite3.connect(%q, isolation_level=None)"):format(path),
+				"c.execute('BEGIN')",
+				"c.execute('SELECT count(*) FROM items').fetchone()",
+				"print('reading', flush=True)",
+				"time.sleep(1.5)",
+				"print(c.execute('SELECT count(*) FROM items').fetchone()[0], flush=True)",
+			}, "; "))));
+			assert.equal("reading", reader:read("*l"));
+			for i = 1, 200 do assert(db:append("h", "s", "u", nil, "v", i, "")); end
+			assert.equal("1", reader:read("*l")); -- its snapshot, while we went on
+			reader:close();
+			local _, _, total = db:find("h", "s", "u", { limit = 0, total = true });
+			assert.equal(201, total);
+		end);
+
+		it("takes an online backup that opens as an archive", function ()
+			local db = fresh();
+			for i = 1, 50 do assert(db:append("h", "s", "u", "k" .. i, el("m", { n = tostring(i) }), i, "w")); end
+			local copy = dir .. "/backup.sqlite";
+			assert(db:backup(copy));
+			assert(db:append("h", "s", "u", nil, "after", 51, ""));
+			local restored = assert(archive.open(copy, { element_mt = element_mt }));
+			local rows, n = restored:find("h", "s", "u", { reverse = true, limit = 1 });
+			assert.equal(1, n);
+			assert.equal("k50", rows[1]);
+			assert.equal("50", rows[2].attr.n);
+			assert.is_true((restored:check()));
+			local ok, err = db:backup(copy);
+			assert.is_nil(ok);
+			assert.truthy(err);
+		end);
+	end);
+end);
