@@ -102,6 +102,35 @@ def test_sigkill_while_appending_loses_no_returned_append(tmp_path):
         con.close()
 
 
+def test_sigkill_with_normal_durability_keeps_a_consistent_prefix(tmp_path):
+    """With durability "normal" the newest returned appends may be lost in a crash, but the database stays intact,
+    counters stay exact, and what survives of each run is a prefix of what it appended (no gaps)."""
+    seed = int(os.environ.get("PN_CRASH_SEED", random.randrange(2 ** 32)))
+    rng = random.Random(seed)
+    data = tmp_path / "data"
+    data.mkdir()
+    rounds = [run_appender(tmp_path, data, "normal", r, rng.uniform(0.2, 1.0)) for r in range(3)]
+    context = f"(PN_CRASH_SEED={seed}; returned per round: {[len(r) for r in rounds]})"
+    assert any(rounds), f"no append returned at all {context}"
+    keys, totals = list_archive(tmp_path, data, "normal")
+    present = {k for ks in keys.values() for k in ks}
+    for r, got in enumerate(rounds):
+        flags = [k in present for _, k in got]
+        kept = flags.count(True)
+        assert flags == [True] * kept + [False] * (len(flags) - kept), \
+            f"round {r}: surviving appends are not a prefix (gap in the archive) {context}"
+    for user, ks in keys.items():
+        assert totals[user] == len(ks)
+    con = sqlite3.connect(str(data / "prosody-native.sqlite"), timeout=30)
+    try:
+        assert con.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+        bad = con.execute("SELECT o.user, o.items, (SELECT count(*) FROM items i WHERE i.owner = o.id) AS n"
+                          " FROM owners o WHERE o.items != n").fetchall()
+        assert not bad, bad
+    finally:
+        con.close()
+
+
 def test_appends_continue_on_a_database_left_by_a_crash(tmp_path):
     """A crash leaves a WAL and -shm behind; a fresh process opens the file, keeps counting from the right totals and
     appends go on."""

@@ -8,6 +8,7 @@ same specs against Prosody's own driver (reference behaviour).
 import asyncio
 import itertools
 import os
+import re
 import sqlite3
 import time
 import xml.etree.ElementTree as ET
@@ -574,10 +575,11 @@ def test_archive_survives_restart(prosody_factory):
 
 # -- expiry ----------------------------------------------------------------------------------------------------------
 
-def count_items(server, user, store="archive"):
+def count_items(server, user, store="archive", host=harness.DOMAIN):
+    """The driver's total for one archive, through the storage manager."""
     return int(server.shell_result(
-        "local d, t = require'core.storagemanager'.open('localhost',%s,'archive'):find(%s, {limit=0, total=true});"
-        " return t" % (harness.lua_string(store), harness.lua_string(user))))
+        "local d, t = require'core.storagemanager'.open(%s,%s,'archive'):find(%s, {limit=0, total=true});"
+        " return t" % (harness.lua_string(host), harness.lua_string(store), harness.lua_string(user))))
 
 
 def test_wildcard_delete_by_end_time(server):
@@ -660,3 +662,147 @@ def test_native_database_counters(server):
         assert mine.get(("archive", alice)) == 3 and mine.get(("archive", bob)) == 3, mine
     finally:
         con.close()
+
+
+# -- stanza fidelity ---------------------------------------------------------------------------------------------------
+
+RICH_PAYLOAD = ("<x xmlns='urn:example:rt' a='1&amp;2' b=\"q'uote\" c='&lt;&gt;&quot;'>"
+                "<y>text &lt;tag&gt; &amp; \U0001D11E \u00fcn\u00ef \u4e2d\u6587</y>"
+                "<z xmlns='urn:example:other' xml:lang='de'/>mixed <w/> content"
+                "<empty></empty><ws>  spaced  \n line </ws></x>")
+RICH_BODY = "<&>\"' \U0001F600 caf\u00e9 \u0645\u0631\u062d\u0628\u0627"
+
+
+def canonical(el):
+    return ET.canonicalize(ET.tostring(el, encoding="unicode"))
+
+
+def test_stanza_round_trip(server):
+    """An archived stanza comes back with every element, attribute, namespace and character intact."""
+    alice, bob = fresh_users(server, "alice", "bob")
+    sent = ET.fromstring(RICH_PAYLOAD)
+
+    async def main():
+        a = await connect(server, alice)
+        b = await connect(server, bob)
+        try:
+            msg = a.make_message(mto=server.jid(bob), mbody=RICH_BODY, mtype="chat")
+            msg["lang"] = "fr"
+            msg.xml.append(ET.fromstring(RICH_PAYLOAD))
+            msg.send()
+            live = await b.next_message()
+            assert live["body"] == RICH_BODY
+        finally:
+            await b.close()
+        try:
+            for client, peer in ((a, None),):
+                item = (await mam_query(client)).items[-1]
+                assert item.body == RICH_BODY
+                assert item.message.get("{http://www.w3.org/XML/1998/namespace}lang") == "fr"
+                got = item.message.find("{urn:example:rt}x")
+                assert got is not None, ET.tostring(item.message, encoding="unicode")
+                assert canonical(got) == canonical(sent)
+        finally:
+            await a.close()
+        b = await connect(server, bob)
+        try:
+            item = (await mam_query(b)).items[-1]
+            assert item.body == RICH_BODY
+            assert canonical(item.message.find("{urn:example:rt}x")) == canonical(sent)
+        finally:
+            await b.close()
+
+    run(main())
+
+
+def test_raw_protocol_shape(server):
+    """Wire-level check with a raw socket: <result/> forwarding, <fin/> and RSM <set/> exactly as XEP-0313 shapes them."""
+    alice, bob = fresh_users(server, "alice", "bob")
+    run(converse(server, alice, bob, ["raw 1", "raw 2", "raw 3"]))
+    c = harness.RawXMPP(server.c2s_port)
+    try:
+        c.login(alice, "pass")
+        reply = c.iq("r0", "<iq type='set' id='r0'><query xmlns='urn:xmpp:mam:2' queryid='qr0'>"
+                           "<set xmlns='http://jabber.org/protocol/rsm'><max>0</max></set></query></iq>")
+        assert "<result" not in reply
+        assert re.search(r"<count>3</count>", reply), reply
+        assert "<first" not in reply and "<last" not in reply
+        reply = c.iq("r1", "<iq type='set' id='r1'><query xmlns='urn:xmpp:mam:2' queryid='qr1'>"
+                           "<set xmlns='http://jabber.org/protocol/rsm'><max>2</max><before/></set></query></iq>")
+        results = re.findall(r"<result[^>]*queryid=['\"]qr1['\"][^>]*id=['\"]([^'\"]+)['\"]|"
+                             r"<result[^>]*id=['\"]([^'\"]+)['\"][^>]*queryid=['\"]qr1['\"]", reply)
+        ids = [x or y for x, y in results]
+        assert len(ids) == 2, reply
+        assert reply.count("<forwarded xmlns='urn:xmpp:forward:0'>") == 2
+        assert re.search(r"<fin[^>]*xmlns='urn:xmpp:mam:2'", reply)
+        assert not re.search(r"<fin[^>]*complete=", reply), "a partial page is not complete"
+        assert re.search(r"<first>%s</first>" % re.escape(ids[0]), reply)
+        assert re.search(r"<last>%s</last>" % re.escape(ids[1]), reply)
+        assert ">raw 2</body>" in reply and ">raw 3</body>" in reply
+    finally:
+        c.close()
+
+
+# -- quota, room destruction, account deletion -------------------------------------------------------------------------
+
+def test_quota_truncates_oldest(prosody_factory):
+    """With storage_archive_item_limit = 10 the driver answers quota-limit and mod_mam truncates the oldest items:
+    the archive keeps the newest messages, without gaps."""
+    srv = mam_server(prosody_factory, global_options={"storage_archive_item_limit": 10},
+                     users=[("alice", "pass"), ("bob", "pass")])
+    bodies = [f"quota {i}" for i in range(16)]
+
+    async def main():
+        await converse(srv, "alice", "bob", bodies)
+        c = await connect(srv, "alice")
+        try:
+            page = await mam_query(c)
+            assert page.bodies == bodies[6:], "the newest 10 are kept"
+            assert page.count == 10
+        finally:
+            await c.close()
+
+    run(main())
+    assert "Could not archive stanza" not in srv.log_text()
+
+
+def test_room_destruction_deletes_its_archive(server):
+    (alice,) = fresh_users(server, "alice")
+    room = f"doomed{next(_names)}@{harness.MUC_DOMAIN}"
+    node = room.split("@")[0]
+
+    async def main():
+        a = await connect(server, alice)
+        try:
+            await asyncio.wait_for(a["xep_0045"].join_muc_wait(room, "owner", maxstanzas=0), 15)
+            for i in range(3):
+                a.send_message(mto=room, mbody=f"doomed {i}", mtype="groupchat")
+                await a.next_groupchat()
+            assert (await mam_query(a, to=room)).count == 3
+            await asyncio.wait_for(a["xep_0045"].destroy(room), 15)
+        finally:
+            await a.close()
+
+    run(main())
+    assert count_items(server, node, store="muc_log", host=harness.MUC_DOMAIN) == 0
+
+
+def test_deleting_an_account_purges_its_archive(server):
+    alice, bob = fresh_users(server, "alice", "bob")
+    run(converse(server, alice, bob, ["gone 1", "gone 2"]))
+    assert count_items(server, alice) == 2
+    ok = server.shell_result("return (require'core.usermanager'.delete_user(%s, 'localhost'))" % harness.lua_string(alice))
+    assert ok == "true"
+    assert count_items(server, alice) == 0, "driver:purge removed the user's archive"
+    assert count_items(server, bob) == 2, "other users keep theirs"
+    server.register(alice, "pass")
+
+    async def main():
+        c = await connect(server, alice)
+        try:
+            page = await mam_query(c)
+            assert page.items == [] and page.count == 0
+        finally:
+            await c.close()
+
+    run(main())
