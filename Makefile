@@ -36,7 +36,7 @@ $(BUILD)/prosody_native/%.so: csrc/%.c csrc/pn_common.h
 
 # Installs the Debian packages the tests need when run as root; says what is missing otherwise.
 deps:
-	@sh spec/deps.sh test
+	@sh spec/deps.sh
 
 check: deps all
 	@sh spec/run
@@ -66,4 +66,17 @@ uninstall:
 	cd modules && for f in *.lua; do rm -f $(DESTDIR)$(PLUGINDIR)/$$f; done
 
 clean:
-	rm -rf build build-asan .rocks spec/out
+	rm -rf build build-asan build-fuzz .rocks spec/out
+
+# Coverage-guided fuzzing of the parsers of untrusted bytes (libFuzzer, clang).
+FUZZ_SECONDS ?= 60
+FUZZ_FLAGS = -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined $(WARNFLAGS) -Wno-missing-prototypes -D_GNU_SOURCE $(LUA_CFLAGS)
+build-fuzz/archive_decode_fuzz: fuzz/archive_decode_fuzz.c csrc/archive.c csrc/pn_common.h
+	@mkdir -p $(@D)
+	clang $(FUZZ_FLAGS) -o $@ $< -llua5.4 -lsqlite3 -lpthread -lm
+
+.PHONY: fuzz
+fuzz: all build-fuzz/archive_decode_fuzz
+	@mkdir -p build-fuzz/corpus
+	LUA_CPATH="$(BUILD)/?.so;;" lua5.4 fuzz/seeds.lua build-fuzz/corpus
+	build-fuzz/archive_decode_fuzz -max_total_time=$(FUZZ_SECONDS) -max_len=4096 build-fuzz/corpus

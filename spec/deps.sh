@@ -1,13 +1,10 @@
 #!/bin/sh
-# Installs the Debian 12 packages prosody-native needs for a purpose (test, bench, demo)
+# Installs the Debian 12 packages prosody-native needs (tests, benchmarks and the demo
+# share one list)
 # when run as root; otherwise says exactly what to install.
 set -eu
-purpose=${1:-test}
 pkgs="build-essential pkg-config lua5.4 liblua5.4-dev luarocks lua-busted libsqlite3-dev sqlite3 libssl-dev
       prosody lua-dbi-sqlite3 lua-unbound python3 python3-pytest python3-slixmpp"
-case "$purpose" in
-	demo) pkgs="$pkgs nodejs npm chromium-headless-shell" ;;
-esac
 missing=""
 for p in $pkgs; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"

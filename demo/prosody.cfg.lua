@@ -1,0 +1,41 @@
+-- prosody-native demo configuration, started by `make demo` (demo/run), which sets the
+-- PN_DEMO_* variables read here through Prosody's ENV_ config variables.
+local state = ENV_PN_DEMO_STATE;
+
+pidfile = state .. "/prosody.pid";
+data_path = state .. "/data";
+certificates = state .. "/certs";
+installer_plugin_path = state .. "/custom_plugins";
+plugin_paths = { ENV_PN_ROOT .. "/modules" };
+admin_socket = state .. "/prosody.sock";
+log = { info = "*stdout"; debug = state .. "/prosody.log" };
+run_as_root = true;
+
+interfaces = { "127.0.0.1" };
+c2s_ports = { ENV_PN_DEMO_C2S_PORT };
+http_interfaces = { "127.0.0.1" };
+http_ports = { ENV_PN_DEMO_HTTP_PORT };
+https_ports = { };
+-- loopback only: no certificates in the demo
+c2s_require_encryption = false;
+allow_unencrypted_plain_auth = true;
+
+modules_enabled = {
+	"roster"; "saslauth"; "disco"; "ping"; "carbons"; "mam"; "smacks"; "offline";
+	"websocket"; "bosh"; "admin_shell";
+};
+modules_disabled = { "s2s" };
+
+default_storage = "internal";
+storage = { archive = "native"; muc_log = "native"; offline = "native" };
+archive_expires_after = "1w";
+
+VirtualHost "localhost"
+	authentication = "internal_hashed"
+
+VirtualHost "anon.localhost"
+	authentication = "anonymous"
+
+Component "conference.localhost" "muc"
+	modules_enabled = { "muc_mam" }
+	muc_log_by_default = true
