@@ -22,7 +22,8 @@ ALL_CFLAGS = $(OPTFLAGS) $(WARNFLAGS) $(EXTRA_CFLAGS) -fPIC -D_GNU_SOURCE $(LUA_
 LDFLAGS_SO = -shared $(EXTRA_LDFLAGS)
 
 BUILD     ?= build
-ENGINES    = archive
+# One engine per csrc/*.c file; its extra link flags in <engine>_LIBS.
+ENGINES    = $(basename $(notdir $(wildcard csrc/*.c)))
 SOS        = $(ENGINES:%=$(BUILD)/prosody_native/%.so)
 
 archive_LIBS = -lsqlite3 -lpthread

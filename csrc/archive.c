@@ -631,6 +631,7 @@ static void archive_release(lua_State *L, archive_db *a) {
 	if(a->db) {
 		checkpointer_stop(&a->ckpt);
 		recover(a);
+		exec_sql(a, "PRAGMA optimize");
 		stmt_cache_clear(a);
 		sqlite3_close_v2(a->db);
 		a->db = NULL;
@@ -713,6 +714,8 @@ static const char *open_database(archive_db *a, const char *path, int durable, i
 	}
 	if(exec_sql(a, "PRAGMA user_version = 1") != SQLITE_OK || exec_sql(a, "COMMIT") != SQLITE_OK)
 		return "schema";
+	/* Keeps the planner's statistics fresh for the with/when choices (cheap at open). */
+	exec_sql(a, "PRAGMA optimize = 0x10002");
 	return NULL;
 }
 
