@@ -114,7 +114,6 @@ archive_store.caps = {
 	ids = true;
 	wildcard_delete = true;
 };
-archive_store.remove = {};
 
 function archive_store:append(username, key, value, when, with)
 	local t0 = clock();
@@ -156,7 +155,7 @@ function archive_store:find(username, query)
 		if n < q.limit or (wanted and given >= wanted) then return false; end
 		q.total, q.cursor = nil, last;
 		q.limit = wanted and math.min(wanted - given, PAGE) or PAGE;
-		local err, code;
+		local err;
 		rows, n, err, last = db:find(store_host, store, user, q);
 		if not rows then
 			failed("find", n, err);

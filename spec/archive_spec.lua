@@ -66,6 +66,20 @@ describe("prosody_native.archive", function ()
 			assert.matches("missing/dir/x.sqlite", err, 1, true);
 		end);
 
+		it("refuses a database file it may not write, saying so", function ()
+			-- root writes anything, so the check runs as nobody on a root-owned file
+			local db, path = fresh();
+			db:close();
+			os.execute("chmod 755 " .. dir);
+			local cpath = os.getenv("PN_ROOT") and (os.getenv("PN_ROOT") .. "/" .. (os.getenv("PN_BUILD") or "build") .. "/?.so")
+				or (io.popen("pwd"):read("*l") .. "/" .. (os.getenv("PN_BUILD") or "build") .. "/?.so");
+			local p = assert(io.popen(("runuser -u nobody -- env LUA_CPATH=%q lua5.4 -e %q 2>&1"):format(cpath,
+				("print((select(2, require'prosody_native.archive'.open(%q))))"):format(path))));
+			local out = p:read("*a");
+			p:close();
+			assert.equal(path .. ": the database file is read-only\n", out);
+		end);
+
 		it("closes once, by hand, by <close> or by the collector", function ()
 			local db = fresh();
 			db:close();

@@ -1,0 +1,77 @@
+"""prosodyctl mod_storage_native commands against a running server: import from another
+driver (keys, times and peers kept, resumable), check, stats, backup."""
+import sqlite3
+
+import harness
+
+STORE = 'require"core.storagemanager"'
+
+
+def internal_archive(server, user, items):
+    """Appends (key, when, with, body) items to `user`'s archive in the internal driver."""
+    for key, when, with_, body in items:
+        server.shell_result(
+            f'local a = {STORE}.load_driver("localhost", "internal"):open("archive", "archive"); '
+            f'return a:append({harness.lua_string(user)}, {harness.lua_string(key)}, '
+            f'require"util.stanza".message({{to="{user}@localhost", from={harness.lua_string(with_)}}})'
+            f':text_tag("body", {harness.lua_string(body)}), {when}, {harness.lua_string(with_)})')
+
+
+def native_items(server, user):
+    text = server.shell_result(
+        f'local out = {{}}; for k, v, w, p in {STORE}.open("localhost", "archive", "archive"):find("{user}") do '
+        'out[#out+1] = table.concat({k, tostring(w), p, v:get_child_text("body")}, ","); end; '
+        'return table.concat(out, ";")')
+    return [tuple(i.split(",")) for i in text.split(";") if i]
+
+
+def test_import_from_internal_keeps_ids_and_resumes(prosody_factory):
+    server = prosody_factory(storage={"archive": "native"}, users=[("alice", "pw")])
+    items = [(f"id{i}", 1000 + (7 - i), "bob@localhost", f"hello {i}") for i in range(1, 6)]
+    internal_archive(server, "alice", items[:3])
+    # a first, partial import ...
+    res = server.prosodyctl("mod_storage_native", "import", "internal", "archive")
+    assert "localhost archive alice: 3 copied, 0 already present" in res.stdout.decode()
+    # ... more arrives in the old store, the import runs again and picks up where it was
+    internal_archive(server, "alice", items[3:])
+    res = server.prosodyctl("mod_storage_native", "import", "internal", "archive")
+    out = res.stdout.decode()
+    assert "localhost archive alice: 2 copied, 3 already present" in out
+    assert "2 items imported" in out
+    assert native_items(server, "alice") == [(k, str(w), p, b) for k, w, p, b in items]
+
+
+def test_import_refuses_unknown_driver(prosody_factory):
+    server = prosody_factory(storage={"archive": "native"})
+    res = server.prosodyctl("mod_storage_native", "import", "no_such_driver", check=False)
+    assert res.returncode == 1
+    assert 'cannot load storage driver "no_such_driver"' in res.stdout.decode()
+
+
+def test_check_stats_and_online_backup(prosody_factory):
+    server = prosody_factory(storage={"archive": "native"}, users=[("alice", "pw")])
+    for i in range(20):
+        server.shell_result(f'return {STORE}.open("localhost", "archive", "archive"):append("alice", nil, '
+                            f'require"util.stanza".message():text_tag("body", "m{i}"), {i}, "bob@localhost")')
+    res = server.prosodyctl("mod_storage_native", "check")
+    assert res.stdout.decode().strip().endswith(": ok")
+    stats = res = server.prosodyctl("mod_storage_native", "stats").stdout.decode()
+    assert "items       20" in stats
+    copy = server.tmp / "backup.sqlite"
+    server.prosodyctl("mod_storage_native", "backup", str(copy))
+    # the server keeps archiving while and after the copy is taken
+    assert server.shell_result(f'return {STORE}.open("localhost", "archive", "archive"):append("alice", nil, '
+                               f'require"util.stanza".message(), 99, "bob@localhost") ~= nil') == "true"
+    with sqlite3.connect(copy) as db:
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert db.execute("SELECT count(*) FROM items").fetchone()[0] == 20
+    res = server.prosodyctl("mod_storage_native", "backup", str(copy), check=False)
+    assert res.returncode == 1
+    assert "backup failed" in res.stdout.decode()
+
+
+def test_unknown_command_prints_usage(prosody_factory):
+    server = prosody_factory(storage={"archive": "native"})
+    res = server.prosodyctl("mod_storage_native", "frobnicate", check=False)
+    assert res.returncode == 2
+    assert "usage: prosodyctl mod_storage_native" in res.stdout.decode()
