@@ -67,6 +67,11 @@ class Client(slixmpp.ClientXMPP):
         return await asyncio.wait_for(self.groupchat.get(), timeout)
 
     async def close(self):
+        # Ack everything we handled first: Prosody's mod_smacks re-routes unacked messages of a closing session
+        # (to offline storage), which would hand them to this user's next session a second time.
+        sm = self["xep_0198"]
+        if sm.enabled_in:
+            sm.send_ack()
         fut = self.disconnect()
         if fut is not None:
             try:
