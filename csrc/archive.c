@@ -19,6 +19,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include <sqlite3.h>
 
@@ -55,6 +56,11 @@ typedef struct {
 	unsigned char *buf;        /* encoding buffer, reused across appends */
 	size_t buf_len, buf_cap;
 	struct checkpointer ckpt;
+	/* What it takes to reopen after a fork (Prosody daemonizes after loading). */
+	pid_t pid;
+	char *path;
+	int durable, busy_ms;
+	double interval;
 } archive_db;
 
 /* ---------------------------------------------------------------- growable text */
@@ -620,14 +626,40 @@ static void checkpointer_stop(struct checkpointer *c) {
 
 /* ---------------------------------------------------------------- open / close */
 
+static const char *open_database(archive_db *a, const char *path, int durable, int busy_ms, int *readonly);
+
+/* A forked child (Prosody daemonizing after its storage loaded) must not use the
+ * parent's connection or expect its thread: it leaves both alone and opens its own. */
+static void reopen_after_fork(lua_State *L, archive_db *a) {
+	int readonly = 0;
+	memset(a->cache, 0, sizeof a->cache);
+	memset(&a->ckpt, 0, sizeof a->ckpt);
+	a->db = NULL;
+	a->pid = getpid();
+	if(open_database(a, a->path, a->durable, a->busy_ms, &readonly) != NULL
+			|| checkpointer_start(&a->ckpt, a->path, a->interval) != 0) {
+		if(a->db) {
+			sqlite3_close_v2(a->db);
+			a->db = NULL;
+		}
+		luaL_error(L, "%s: cannot reopen the archive database after fork", a->path);
+	}
+}
+
 static archive_db *check_db(lua_State *L) {
 	archive_db *a = luaL_checkudata(L, 1, ARCHIVE_MT);
 	if(!a->db)
 		luaL_argerror(L, 1, "archive database is closed");
+	if(a->pid != getpid())
+		reopen_after_fork(L, a);
 	return a;
 }
 
 static void archive_release(lua_State *L, archive_db *a) {
+	if(a->db && a->pid != getpid()) {
+		/* the parent's connection and thread: not ours to close */
+		a->db = NULL;
+	}
 	if(a->db) {
 		checkpointer_stop(&a->ckpt);
 		recover(a);
@@ -643,6 +675,8 @@ static void archive_release(lua_State *L, archive_db *a) {
 	free(a->buf);
 	a->buf = NULL;
 	a->buf_len = a->buf_cap = 0;
+	free(a->path);
+	a->path = NULL;
 }
 
 static const char *const SCHEMA[] = {
@@ -780,6 +814,15 @@ static int Larchive_open(lua_State *L) {
 		archive_release(L, a);
 		return pn_fail(L, "cannot start the checkpoint thread", "thread");
 	}
+	a->path = strdup(path);
+	if(!a->path) {
+		archive_release(L, a);
+		return luaL_error(L, "out of memory");
+	}
+	a->pid = getpid();
+	a->durable = durable;
+	a->busy_ms = busy_ms;
+	a->interval = interval;
 	return 1;
 }
 

@@ -75,3 +75,57 @@ def test_unknown_command_prints_usage(prosody_factory):
     res = server.prosodyctl("mod_storage_native", "frobnicate", check=False)
     assert res.returncode == 2
     assert "usage: prosodyctl mod_storage_native" in res.stdout.decode()
+
+
+def test_archive_keeps_working_after_prosody_daemonizes(tmp_path):
+    """`prosodyctl start` runs Prosody with -D: it forks after the storage driver has
+    opened the database and started its checkpoint thread. The child must reopen both."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import time
+
+    server = harness.ProsodyServer(storage={"archive": "native"}, name="daemonized")
+    try:
+        launcher = subprocess.run([harness.PROSODY, "-D", "--config", str(server.config_path)],
+                                  env=harness.child_env(), cwd=str(server.tmp), timeout=60,
+                                  stdin=subprocess.DEVNULL, capture_output=True)
+        assert launcher.returncode == 0, launcher.stderr
+        deadline = time.monotonic() + 20
+        pid = None
+        while time.monotonic() < deadline:
+            text = server.pidfile.read_text().strip() if server.pidfile.exists() else ""
+            if text and server._port_open():
+                pid = int(text)
+                break
+            time.sleep(0.05)
+        assert pid, "daemonized prosody did not come up"
+        try:
+            assert "Successfully daemonized" in server.log_text()
+            for i in range(3):
+                assert server.shell_result(
+                    f'return {STORE}.open("localhost", "archive", "archive"):append("alice", "d{i}", '
+                    f'require"util.stanza".message(), {i}, "bob@localhost")') == f"d{i}"
+            assert server.shell_result(
+                f'local _, total = {STORE}.open("localhost", "archive", "archive"):find("alice", '
+                '{ limit = 0, total = true }); return total') == "3"
+            assert "cannot reopen" not in server.log_text()
+        finally:
+            os.kill(pid, signal.SIGTERM)
+            exited = False
+            for _ in range(400):  # a clean shutdown takes well under a second; a hang never ends
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    exited = True
+                    break
+                time.sleep(0.05)
+            if not exited:
+                os.kill(pid, signal.SIGKILL)
+        assert exited, "the daemonized Prosody hung at shutdown"
+        with sqlite3.connect(server.native_db_path()) as db:
+            assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+            assert db.execute("SELECT count(*) FROM items").fetchone()[0] == 3
+    finally:
+        server.cleanup()
