@@ -26,6 +26,11 @@ build = {
 		-- Found by module:require("prosody_native_loader") in the installer tree.
 		prosody_native_loader = "modules/prosody_native_loader.lib.lua";
 		storage_native_import = "modules/storage_native_import.lib.lua";
+		["prosody_native.smqueue"] = {
+			sources = { "csrc/smqueue.c" };
+			incdirs = { "csrc" };
+			defines = { "_GNU_SOURCE" };
+		};
 		["prosody_native.archive"] = {
 			sources = { "csrc/archive.c" };
 			libraries = { "sqlite3", "pthread" };
