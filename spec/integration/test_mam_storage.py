@@ -901,3 +901,54 @@ def test_delivered_ids_survive_server_sigkill(prosody_factory):
             assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         finally:
             con.close()
+
+
+# -- PEP items on the driver (append with a key: replace-and-move, truncate, lookup by key) ------------------------------
+
+NS_PUBSUB = "http://jabber.org/protocol/pubsub"
+
+
+def pep_publish(c, iq_id, item_id, text, max_items=3):
+    opts = ("<publish-options><x xmlns='jabber:x:data' type='submit'>"
+            "<field var='FORM_TYPE' type='hidden'><value>http://jabber.org/protocol/pubsub#publish-options</value></field>"
+            f"<field var='pubsub#max_items'><value>{max_items}</value></field></x></publish-options>")
+    reply = c.iq(iq_id, f"<iq type='set' id='{iq_id}'><pubsub xmlns='{NS_PUBSUB}'><publish node='urn:example:pep'>"
+                        f"<item id='{item_id}'><entry xmlns='urn:example:e'>{text}</entry></item></publish>{opts}"
+                        "</pubsub></iq>")
+    assert "type='result'" in reply, reply
+    return reply
+
+
+def pep_items(c, iq_id, jid, extra=""):
+    reply = c.iq(iq_id, f"<iq type='get' id='{iq_id}' to='{jid}'><pubsub xmlns='{NS_PUBSUB}'>"
+                        f"<items node='urn:example:pep'{extra}</pubsub></iq>")
+    assert "type='result'" in reply, reply
+    return re.findall(r"<item\b[^>]*\bid='([^']+)'[^>]*><entry xmlns='urn:example:e'>([^<]*)</entry>", reply)
+
+
+def test_pep_items_on_the_driver(prosody_factory):
+    storage = dict(STORAGE, pep_data=STORAGE_DRIVER)
+    srv = prosody_factory(storage=storage, muc_options=MUC_OPTIONS, global_options=dict(DRIVER_OPTIONS),
+                          modules=["pep"], users=[("alice", "pass")])
+    c = harness.RawXMPP(srv.c2s_port)
+    try:
+        jid = srv.jid("alice")
+        c.login("alice", "pass")
+        for n, (item, text) in enumerate([("a", "one"), ("b", "two"), ("c", "three")]):
+            pep_publish(c, f"p{n}", item, text)
+        assert pep_items(c, "g1", jid, "/>") == [("a", "one"), ("b", "two"), ("c", "three")]
+        pep_publish(c, "p3", "a", "one again")  # same id: replaced and moved to the newest position
+        assert pep_items(c, "g2", jid, "/>") == [("b", "two"), ("c", "three"), ("a", "one again")]
+        pep_publish(c, "p4", "d", "four")  # max_items 3: the oldest goes
+        assert pep_items(c, "g3", jid, "/>") == [("c", "three"), ("a", "one again"), ("d", "four")]
+        assert pep_items(c, "g4", jid, "><item id='c'/></items>") == [("c", "three")]
+        assert pep_items(c, "g5", jid, " max_items='1'/>") == [("d", "four")]
+    finally:
+        c.close()
+    srv.restart()
+    c = harness.RawXMPP(srv.c2s_port)
+    try:
+        c.login("alice", "pass")
+        assert pep_items(c, "g6", srv.jid("alice"), "/>") == [("c", "three"), ("a", "one again"), ("d", "four")]
+    finally:
+        c.close()
