@@ -952,3 +952,43 @@ def test_pep_items_on_the_driver(prosody_factory):
         assert pep_items(c, "g6", srv.jid("alice"), "/>") == [("c", "three"), ("a", "one again"), ("d", "four")]
     finally:
         c.close()
+
+
+# -- a foreign lock on the database ------------------------------------------------------------------------------------
+
+def test_foreign_write_lock_delays_but_loses_nothing(server):
+    """Another process (a backup script, the sqlite3 shell) holds the database's write lock for a second: queries
+    still answer, and a message archived meanwhile is stored once the lock goes (busy timeout), not dropped."""
+    if STORAGE_DRIVER != "native":
+        pytest.skip("the lock is taken on the native database file")
+    alice, bob = fresh_users(server, "alice", "bob")
+    first_ids = run(converse(server, alice, bob, ["before lock"]))
+
+    async def main():
+        a = await connect(server, alice)
+        b = await connect(server, bob)
+        lock = sqlite3.connect(str(server.native_db_path()), isolation_level=None, timeout=10)
+        try:
+            lock.execute("BEGIN IMMEDIATE")
+            try:
+                page = await mam_query(b)  # WAL readers are not blocked by a writer
+                assert page.ids == first_ids
+                a.send_message(mto=server.jid(bob), mbody="during lock", mtype="chat")
+                await asyncio.sleep(1.0)
+            finally:
+                lock.execute("ROLLBACK")
+            msg = await b.next_message()
+            assert msg["body"] == "during lock"
+            sid = stanza_id(msg, server.jid(bob))
+            assert sid, "archived (stanza-id stamped) once the lock was released"
+            page = await mam_query(b)
+            assert page.bodies == ["before lock", "during lock"]
+            assert page.ids == first_ids + [sid]
+            assert (await mam_query(a)).bodies == ["before lock", "during lock"]
+        finally:
+            lock.close()
+            await a.close()
+            await b.close()
+
+    run(main())
+    assert "Could not archive stanza" not in server.log_text()
