@@ -992,3 +992,29 @@ def test_foreign_write_lock_delays_but_loses_nothing(server):
 
     run(main())
     assert "Could not archive stanza" not in server.log_text()
+
+
+def test_large_message_and_non_ascii_user(server):
+    """A ~120 kB body and a non-ASCII local part round-trip through both archives and the `with` filter."""
+    (bob,) = fresh_users(server, "bob")
+    jurgen = f"j\u00fcrgen{next(_names)}"
+    server.register(jurgen, "pass")
+    big = "\u00e9" * 60000 + "<&>"
+
+    async def main():
+        await converse(server, jurgen, bob, [big])
+        a = await connect(server, jurgen)
+        try:
+            page = await mam_query(a)
+            assert page.count == 1 and page.bodies == [big]
+        finally:
+            await a.close()
+        b = await connect(server, bob)
+        try:
+            page = await mam_query(b, fields={"with": server.jid(jurgen)})
+            assert page.count == 1 and page.bodies == [big]
+            assert page.items[0].frm.startswith(server.jid(jurgen))
+        finally:
+            await b.close()
+
+    run(main())
