@@ -81,3 +81,14 @@ fuzz: all build-fuzz/archive_decode_fuzz
 	@mkdir -p build-fuzz/corpus
 	LUA_CPATH="$(BUILD)/?.so;;" lua5.4 fuzz/seeds.lua build-fuzz/corpus
 	build-fuzz/archive_decode_fuzz -max_total_time=$(FUZZ_SECONDS) -max_len=4096 build-fuzz/corpus
+
+# The limiter's address, prefix and rate parsers (make fuzz-limiter).
+build-fuzz/limiter_parse_fuzz: fuzz/limiter_parse_fuzz.c csrc/limiter.c csrc/pn_common.h
+	@mkdir -p $(@D)
+	clang $(FUZZ_FLAGS) -o $@ $< -llua5.4 -lm
+
+.PHONY: fuzz-limiter
+fuzz-limiter: build-fuzz/limiter_parse_fuzz
+	@mkdir -p build-fuzz/limiter-corpus
+	@i=0; while IFS= read -r s; do i=$$((i+1)); printf '%s' "$$s" > build-fuzz/limiter-corpus/seed$$i; done < fuzz/limiter_seeds.txt
+	build-fuzz/limiter_parse_fuzz -max_total_time=$(FUZZ_SECONDS) -max_len=128 build-fuzz/limiter-corpus
