@@ -49,6 +49,23 @@ def server(module_prosody):
     return mam_server(module_prosody, name="mam")
 
 
+STORAGE_ERROR = re.compile(r"storage_\w+\terror\t|Could not archive stanza|Could not delete messages|"
+                           r"Error storing|does not support archiving")
+
+
+@pytest.fixture(autouse=True)
+def no_storage_errors(request):
+    """Every spec here also fails when the driver logged an error (e.g. a failed page read that mod_mam cannot see)."""
+    seen = {id(srv): len(srv.log_text()) for srv in harness.SERVERS}
+    yield
+    servers = list(harness.SERVERS)
+    bad = []
+    for srv in servers:
+        new = srv.log_text()[seen.get(id(srv), 0):]
+        bad += [f"{srv.name}: {line}" for line in new.splitlines() if STORAGE_ERROR.search(line)]
+    assert not bad, "storage errors in the Prosody log:\n" + "\n".join(bad[:20])
+
+
 async def converse(server, sender, recipient, bodies):
     """`sender` sends `bodies` to `recipient` (online); returns the recipient's stanza-ids in order."""
     a = await connect(server, sender)
