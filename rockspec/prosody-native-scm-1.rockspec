@@ -23,6 +23,7 @@ build = {
 	modules = {
 		-- Prosody modules: top-level names, as prosodyctl install expects.
 		mod_storage_native = "modules/mod_storage_native.lua";
+		mod_native_smacks = "modules/mod_native_smacks.lua";
 		-- Found by module:require("prosody_native_loader") in the installer tree.
 		prosody_native_loader = "modules/prosody_native_loader.lib.lua";
 		storage_native_import = "modules/storage_native_import.lib.lua";
@@ -36,6 +37,11 @@ build = {
 			libraries = { "sqlite3", "pthread" };
 			incdirs = { "$(SQLITE3_INCDIR)", "csrc" };
 			libdirs = { "$(SQLITE3_LIBDIR)" };
+			defines = { "_GNU_SOURCE" };
+		};
+		["prosody_native.limiter"] = {
+			sources = { "csrc/limiter.c" };
+			incdirs = { "csrc" };
 			defines = { "_GNU_SOURCE" };
 		};
 	};
