@@ -155,12 +155,26 @@ static void recover(archive_db *a) {
 		exec_sql(a, "ROLLBACK");
 }
 
+/* A stable code for the failures a caller may act on (retry, alert). */
+static const char *error_code(int code) {
+	switch(code & 0xff) {
+	case SQLITE_BUSY: return "busy";
+	case SQLITE_LOCKED: return "locked";
+	case SQLITE_READONLY: return "read-only";
+	case SQLITE_FULL: return "disk-full";
+	case SQLITE_IOERR: return "io-error";
+	case SQLITE_CORRUPT: case SQLITE_NOTADB: return "corrupt";
+	case SQLITE_NOMEM: return "out-of-memory";
+	case SQLITE_CONSTRAINT: return "constraint";
+	default: return "sqlite-error";
+	}
+}
+
 static int db_error(lua_State *L, archive_db *a) {
 	int code = sqlite3_extended_errcode(a->db);
-	const char *name = sqlite3_errstr(code);
 	lua_pushnil(L);
 	lua_pushstring(L, sqlite3_errmsg(a->db));
-	lua_pushstring(L, name);
+	lua_pushstring(L, error_code(code));
 	if(!sqlite3_get_autocommit(a->db))
 		exec_sql(a, "ROLLBACK");
 	return 3;
@@ -1897,6 +1911,16 @@ static int Larchive_stats(lua_State *L) {
 	return 1;
 }
 
+/* db:busy_timeout(ms) -- how long a write waits for another process's lock */
+static int Larchive_busy_timeout(lua_State *L) {
+	archive_db *a = check_db(L);
+	lua_Integer ms = luaL_checkinteger(L, 2);
+	luaL_argcheck(L, ms >= 0 && ms <= 3600000, 2, "must be 0 to 3600000 ms");
+	sqlite3_busy_timeout(a->db, (int)ms);
+	a->busy_ms = (int)ms;
+	return 0;
+}
+
 /* archive._encode(value, element_mt?) -> string; archive._decode(string, element_mt?) -> value
  * The value codec alone, for tests and the fuzzer. */
 static int Larchive_encode(lua_State *L) {
@@ -1955,6 +1979,7 @@ static const luaL_Reg archive_methods[] = {
 	{ "backup", Larchive_backup },
 	{ "check", Larchive_check },
 	{ "stats", Larchive_stats },
+	{ "busy_timeout", Larchive_busy_timeout },
 	{ NULL, NULL }
 };
 

@@ -56,6 +56,10 @@ if delegate_name == "native" then
 	option_error("storage_native_delegate", delegate_name, "another storage driver (keyval and map stores)");
 end
 
+-- SQLite itself waits only this long for another process's write lock; the rest of
+-- storage_native_busy_timeout is waited for in write() below, without freezing Prosody.
+local SHORT_BUSY_MS = 5;
+
 -- One connection per database file for the whole server, shared by every host.
 local connections = module:shared("/*/storage_native/connections");
 local db = connections[db_path];
@@ -64,7 +68,7 @@ if not db then
 	db, err = engine.open(db_path, {
 		durability = durability;
 		sync_interval = sync_interval;
-		busy_timeout = busy_timeout;
+		busy_timeout = SHORT_BUSY_MS;
 		element_mt = st.stanza_mt;
 	});
 	if not db then
@@ -102,6 +106,30 @@ local function yield_between_slices()
 	end
 end
 
+-- Runs a write; while another process holds the write lock (code "busy"), retries for
+-- up to storage_native_busy_timeout. From an async context (stanza handlers, cron jobs)
+-- it sleeps between tries so the rest of the server goes on; elsewhere it lets SQLite
+-- block for the remaining time, as there is nothing else to run.
+local function write(method, ...)
+	local ok, err, code = method(db, ...);
+	if ok ~= nil or code ~= "busy" then return ok, err, code; end
+	local deadline = clock() + busy_timeout / 1000;
+	while true do
+		local left = deadline - clock();
+		if left <= 0 then return ok, err, code; end
+		if async.ready() then
+			async.sleep(math.min(0.02, left));
+			ok, err, code = method(db, ...);
+		else
+			db:busy_timeout(math.ceil(left * 1000));
+			ok, err, code = method(db, ...);
+			db:busy_timeout(SHORT_BUSY_MS);
+			return ok, err, code;
+		end
+		if ok ~= nil or code ~= "busy" then return ok, err, code; end
+	end
+end
+
 local PAGE = 256; -- items the engine materialises per call when the caller wants many
 
 local archive_store = {};
@@ -117,7 +145,7 @@ archive_store.caps = {
 
 function archive_store:append(username, key, value, when, with)
 	local t0 = clock();
-	local ok, ret, err, code = pcall(db.append, db, store_host, self.store, username or "", key, value,
+	local ok, ret, err, code = pcall(write, db.append, store_host, self.store, username or "", key, value,
 		when or os.time(), with or "", item_limit);
 	m_append:sample(clock() - t0);
 	if not ok then
@@ -184,7 +212,7 @@ function archive_store:get(username, key)
 end
 
 function archive_store:set(username, key, value, when, with)
-	local ok, ret, err, code = pcall(db.set, db, store_host, self.store, username or "", key, value, when, with);
+	local ok, ret, err, code = pcall(write, db.set, store_host, self.store, username or "", key, value, when, with);
 	if not ok then return failed("set", ret, "unsupported-datatype"); end
 	if ret == nil then return failed("set", err, code); end
 	return ret;
@@ -199,7 +227,7 @@ function archive_store:delete(username, query)
 	local deleted = 0;
 	repeat
 		local t0 = clock();
-		local count, more, code = db:delete(store_host, self.store, user, q, slice);
+		local count, more, code = write(db.delete, store_host, self.store, user, q, slice);
 		m_delete:sample(clock() - t0);
 		if not count then return failed("delete", more, code); end
 		deleted = deleted + count;

@@ -228,6 +228,26 @@ describe("prosody_native.archive", function ()
 			assert.equal(201, total);
 		end);
 
+		it("reports another process's write lock as \"busy\" after its busy timeout", function ()
+			local db, path = fresh({ busy_timeout = 0 });
+			local writer = assert(io.popen(("/usr/bin/python3 -c %q"):format(table.concat({
+				"import sqlite3, time",
+				("c = sqlite3.connect(%q, isolation_level=None)"):format(path),
+				"c.execute('BEGIN IMMEDIATE')",
+				"print('locked', flush=True)",
+				"time.sleep(1)",
+			}, "; "))));
+			assert.equal("locked", writer:read("*l"));
+			local ok, err, code = db:append("h", "s", "u", nil, "v", 1, "");
+			assert.is_nil(ok);
+			assert.equal("database is locked", err);
+			assert.equal("busy", code);
+			db:busy_timeout(10000);
+			assert(db:append("h", "s", "u", nil, "v", 1, "")); -- waits for the lock to go
+			writer:close();
+			assert.has_error(function () db:busy_timeout(-1); end);
+		end);
+
 		it("takes an online backup that opens as an archive", function ()
 			local db = fresh();
 			for i = 1, 50 do assert(db:append("h", "s", "u", "k" .. i, el("m", { n = tostring(i) }), i, "w")); end
