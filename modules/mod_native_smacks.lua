@@ -1007,9 +1007,12 @@ module:hook("stats-update", function ()
 	m_memory:set(engine.memory());
 end);
 
--- Refuse core mod_smacks if it is loaded after us.
-module:hook_global("module-loaded", function (event)
+-- Core mod_smacks loaded after us on the same host: step aside (both would answer the
+-- same elements) and say what to change.
+module:hook("module-loaded", function (event)
 	if event.host == host and event.module == "smacks" then
-		module:log("error", "mod_smacks was loaded on %s next to mod_native_smacks: put \"smacks\" in modules_disabled", host);
+		module:log_status("error", "mod_smacks was loaded on %s next to mod_native_smacks, which unloads itself: "
+			.. "put \"smacks\" in modules_disabled", host);
+		timer.add_task(0, function () modulemanager.unload(host, "native_smacks"); end);
 	end
 end);
