@@ -1,0 +1,269 @@
+"""mod_native_limits on an anonymous VirtualHost, against a real Prosody with raw-socket clients.
+
+Every limit here is set so that only simulated time (advance()) refills it within a spec's lifetime: rates are per
+day or per ten minutes, and the specs advance the limiter clock to show refills, ban expiry and backoff.
+"""
+
+import re
+
+import pytest
+
+from test_limits_helpers import Anon, advance, all_decisions, decisions, expect_stream_error, limits_server, metrics
+
+OFF = {"address": False, "ipv6/64": False, "ipv6/48": False, "ipv4/24": False, "global": False}
+
+
+def only(**levels):
+    d = dict(OFF)
+    d.update(levels)
+    return d
+
+
+def test_login_rate_refuse_close_then_ban_and_backoff(prosody_factory):
+    srv = limits_server(prosody_factory, host_options={
+        "native_limits_logins": only(address="3/10min"),
+        "native_limits_connections": False,
+        "native_limits_max_delay": 0,
+        "native_limits_close_after": 3,
+    })
+    for _ in range(3):
+        c = Anon(srv)
+        assert c.login()[0] == "ok"
+        c.close()
+    # over the limit: SASL temporary-auth-failure with a text, twice, then the stream is closed
+    c = Anon(srv)
+    assert c.open()[0] == "ok"
+    kind, text = c.auth()
+    assert kind == "failure"
+    assert "<temporary-auth-failure/>" in text and "Too many logins from your network; try again in" in text
+    assert c.auth()[0] == "failure"
+    kind, text = c.auth()
+    assert kind == "stream-error"
+    expect_stream_error(text, contains="Too many refused logins")
+    c.close()
+    assert decisions(srv, "logins", "refuse") == 3
+    assert decisions(srv, "logins", "close") == 1
+    # three strikes: the address is banned, refused at stream open with the ban's remaining time
+    assert decisions(srv, "logins", "ban") == 1
+    c = Anon(srv)
+    kind, text = c.open()
+    assert kind == "stream-error"
+    expect_stream_error(text, contains="try again in 300 seconds")
+    c.close()
+    top = srv.shell("limits:top()")
+    assert re.search(r"127\.0\.0\.1\s+level 1 .*banned 300s", top), top
+    # the ban expires; the login budget has refilled meanwhile (3 per 10 min)
+    advance(srv, 601)
+    c = Anon(srv)
+    assert c.login()[0] == "ok"
+    c.close()
+    # a repeat offence earns twice the ban
+    for _ in range(2):
+        c = Anon(srv)
+        c.login()
+        c.close()
+    c = Anon(srv)
+    c.open()
+    for _ in range(3):
+        c.auth()
+    c.close()
+    c = Anon(srv)
+    kind, text = c.open()
+    expect_stream_error(text, contains="try again in 600 seconds")
+    c.close()
+
+
+def test_connection_rate_and_shell_unban_reset(prosody_factory):
+    srv = limits_server(prosody_factory, host_options={
+        "native_limits_connections": only(address="2/10min"),
+        "native_limits_logins": False,
+        "native_limits_max_delay": 0,
+    })
+    for _ in range(2):
+        c = Anon(srv)
+        assert c.open()[0] == "ok"
+        c.close()
+    c = Anon(srv)
+    kind, text = c.open()
+    expect_stream_error(text, contains="Too many connections from your network; try again in 300 seconds")
+    c.close()
+    assert decisions(srv, "connections", "refuse") == 1
+    show = srv.shell('limits:show("127.0.0.1")')
+    assert "localhost: 127.0.0.1 not banned" in show, show
+    assert re.search(r"connections\s+127\.0\.0\.1\s+0\.0 of 2 left", show), show
+    # an operator ban of the /8, then unban; a reset gives the budget back
+    assert "Banned 127.0.0.0/8 on 1 host(s)" in srv.shell('limits:ban("127.0.0.0/8", "1h", "localhost")')
+    c = Anon(srv)
+    kind, text = c.open()
+    expect_stream_error(text, contains="try again in 3600 seconds")
+    c.close()
+    assert "Unbanned 127.0.0.0/8" in srv.shell('limits:unban("127.0.0.0/8")')
+    c = Anon(srv)
+    kind, text = c.open()
+    expect_stream_error(text, contains="Too many connections")  # not banned, still over budget
+    c.close()
+    assert "Reset 127.0.0.1" in srv.shell('limits:reset("127.0.0.1")')
+    c = Anon(srv)
+    assert c.open()[0] == "ok"
+    c.close()
+    res = srv.prosodyctl("shell", 'limits:ban("not-an-address")', check=False)
+    assert res.returncode != 0
+    assert b'"not-an-address" is not an IP address or CIDR prefix' in res.stderr, res.stderr
+
+
+def test_dry_run_counts_and_never_enforces(prosody_factory):
+    srv = limits_server(prosody_factory, host_options={
+        "native_limits_dry_run": True,
+        "native_limits_logins": only(address="1/10min"),
+        "native_limits_connections": only(address="1/10min"),
+        "native_limits_max_sessions": only(address=1),
+    })
+    clients = []
+    for _ in range(4):
+        c = Anon(srv)
+        assert c.login()[0] == "ok"
+        clients.append(c)
+    d = all_decisions(srv)
+    assert d.get(("logins", "refuse", "dry_run")) == 3, d
+    assert d.get(("connections", "refuse", "dry_run")) == 3, d
+    assert d.get(("max_sessions", "refuse", "dry_run")) == 3, d
+    assert not [k for k in d if k[2] == "enforce"], d
+    for c in clients:
+        c.close()
+    assert "[dry run]" in srv.log_text()
+
+
+def test_loopback_is_exempt_by_default(prosody_factory):
+    srv = limits_server(prosody_factory, exempt_loopback=True, host_options={
+        "native_limits_logins": only(address="1/10min"),
+        "native_limits_connections": only(address="1/10min"),
+    })
+    for _ in range(3):
+        c = Anon(srv)
+        assert c.login()[0] == "ok"
+        c.close()
+    assert all_decisions(srv) == {}
+    m = [v for (name, labels), v in metrics(srv).items()
+         if name == "prosody_mod_native_limits__exempt_sessions_total" and ("reason", "loopback") in labels]
+    assert m and m[0] >= 3
+
+
+def test_exempt_cidr_list(prosody_factory):
+    srv = limits_server(prosody_factory, host_options={
+        "native_limits_exempt": ["127.0.0.0/8"],
+        "native_limits_logins": only(address="1/10min"),
+    })
+    for _ in range(3):
+        c = Anon(srv)
+        assert c.login()[0] == "ok"
+        c.close()
+    assert all_decisions(srv) == {}
+
+
+def test_concurrent_sessions_per_address(prosody_factory):
+    srv = limits_server(prosody_factory, host_options={
+        "native_limits_max_sessions": only(address=2),
+        "smacks_hibernation_time": 1,
+    })
+    a, b = Anon(srv), Anon(srv)
+    assert a.login()[0] == "ok"
+    assert b.login()[0] == "ok"
+    c = Anon(srv)
+    assert c.open()[0] == "ok"
+    assert c.auth()[0] == "success"
+    kind, text = c.bind()
+    assert kind == "error"
+    assert "<resource-constraint" in text and "type='wait'" in text and "Too many sessions from your network" in text
+    c.close()
+    a.close()
+    d = Anon(srv)
+    for _ in range(50):  # a's unbind is processed asynchronously after its stream closes
+        kind, text = d.login()
+        if kind == "ok":
+            break
+        d.close()
+        d = Anon(srv)
+    assert kind == "ok", text
+    assert decisions(srv, "max_sessions", "refuse") >= 1
+    b.close()
+    d.close()
+
+
+def test_unauthenticated_connections_per_address(prosody_factory):
+    srv = limits_server(prosody_factory, host_options={"native_limits_max_unauthenticated": only(address=2)})
+    a, b = Anon(srv), Anon(srv)
+    assert a.open()[0] == "ok" and b.open()[0] == "ok"
+    c = Anon(srv)
+    kind, text = c.open()
+    expect_stream_error(text, contains="Too many unauthenticated connections from your address")
+    c.close()
+    assert a.auth()[0] == "success"  # authenticated sessions no longer count
+    c = Anon(srv)
+    assert c.open()[0] == "ok"
+    for x in (a, b, c):
+        x.close()
+
+
+def test_stanza_rate_refuse_then_close_then_strike(prosody_factory):
+    srv = limits_server(prosody_factory, host_options={
+        "native_limits_session_stanzas": "1/10min burst 5",
+        "native_limits_stanzas": False,
+        "native_limits_max_delay": 0,
+        "native_limits_stanza_close_after": 3,
+    })
+    c = Anon(srv)
+    assert c.login()[0] == "ok"
+    replies = []
+    for i in range(12):
+        try:
+            c.send(f"<iq type='get' id='p{i}' to='{c.domain}'><ping xmlns='urn:xmpp:ping'/></iq>")
+            replies.append(c.read_until(r"<iq[^>]*id=['\"]p%d['\"][^>]*(?:/>|>.*?</iq>)|</stream:error>" % i))
+        except (ConnectionError, OSError):
+            break
+        if "</stream:error>" in replies[-1]:
+            break
+    results = [r for r in replies if "type='result'" in r]
+    refused = [r for r in replies if "type='error'" in r and "<policy-violation" in r]
+    assert len(results) >= 3, replies
+    assert len(refused) == 2, replies
+    assert "You are sending too fast; slow down" in refused[0]
+    expect_stream_error(replies[-1], contains="Too many stanzas; slow down")
+    c.close()
+    assert decisions(srv, "session_stanzas", "refuse") == 3
+    assert decisions(srv, "session_stanzas", "close") == 1
+    assert "strikes 1.00" in srv.shell('limits:show("127.0.0.1")')
+
+
+def test_stanza_delay_answers_everything(prosody_factory):
+    srv = limits_server(prosody_factory, host_options={
+        "native_limits_session_stanzas": "20/s burst 1",
+        "native_limits_stanzas": False,
+        "native_limits_max_delay": 2,
+    })
+    c = Anon(srv)
+    assert c.login()[0] == "ok"
+    c.send("".join(f"<iq type='get' id='d{i}' to='{c.domain}'><ping xmlns='urn:xmpp:ping'/></iq>" for i in range(10)))
+    text = c.read_until(r"<iq[^>]*id=['\"]d9['\"][^>]*(?:/>|>.*?</iq>)", timeout=15)
+    assert text.count("type='result'") == 10, text
+    assert "policy-violation" not in text
+    assert decisions(srv, "session_stanzas", "delay") >= 1
+    assert decisions(srv, "session_stanzas", "refuse") == 0
+    c.close()
+
+
+def test_bad_options_are_named(prosody_factory):
+    for option, value, message in [
+        ("native_limits_logins", {"address": "lots"}, "option 'native_limits_logins[address]' must be a rate"),
+        ("native_limits_logins", {"ipv4/33": "1/s"}, "option 'native_limits_logins' must be keyed by"),
+        ("native_limits_max_sessions", {"address": 0}, "option 'native_limits_max_sessions[address]' must be a positive"),
+        ("native_limits_dry_run", "yes", "option 'native_limits_dry_run' must be true or false"),
+        ("native_limits_ban_initial", "soon", "option 'native_limits_ban_initial' must be a duration"),
+        ("native_limits_exempt", ["10.0.0.0/33"], "option 'native_limits_exempt' must be a list of IP addresses"),
+        ("native_limits_session_stanzas", "fast", "option 'native_limits_session_stanzas' must be a rate"),
+    ]:
+        srv = limits_server(prosody_factory, host_options={option: value})
+        srv.shell(">1")  # the admin shell answers once every host's modules have loaded
+        log = srv.log_text()
+        assert "Error initializing module 'native_limits' on 'localhost': " + message in log, (option, log[-3000:])
+        assert "Limits active" not in log, option
+        srv.stop()
