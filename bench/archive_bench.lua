@@ -307,15 +307,62 @@ local function run_async(f)
 	}, table.unpack(result, 1, result.n)
 end
 
+-- The WAL (or rollback journal) next to a driver's database file, to sample its size.
+local function journal_path(name, data_dir)
+	if name == "native" then return data_dir .. "/native.sqlite-wal" end
+	if name == "native_full" then return data_dir .. "/native-full.sqlite-wal" end
+end
+
+-- mod_storage_native keeps its engine handle in an upvalue `db` of its store methods. To see
+-- how long each engine call inside a sliced delete takes (delete slice vs incremental vacuum),
+-- wrap the handle's methods in this process only. Returns the per-method stats table or nil.
+local function instrument_engine(store, methods)
+	local mt = getmetatable(store)
+	local index = mt and type(mt.__index) == "table" and mt.__index
+	if not index then return nil end
+	local db
+	for _, f in pairs(index) do
+		if type(f) == "function" then
+			for i = 1, 64 do
+				local name, v = debug.getupvalue(f, i)
+				if not name then break end
+				if name == "db" and type(v) == "userdata" then db = v break end
+			end
+		end
+		if db then break end
+	end
+	local dbmt = db and getmetatable(db)
+	local methods_tab = dbmt and type(dbmt) == "table" and type(dbmt.__index) == "table" and dbmt.__index
+	if not methods_tab then return nil end
+	local stats = {}
+	for _, m in ipairs(methods) do
+		local orig = methods_tab[m]
+		if type(orig) == "function" then
+			local s = { calls = 0, sum = 0, max = 0 }
+			stats[m] = s
+			methods_tab[m] = function (...)
+				local t = now()
+				local res = table.pack(orig(...))
+				local d = now() - t
+				s.calls, s.sum = s.calls + 1, s.sum + d
+				if d > s.max then s.max = d end
+				return table.unpack(res, 1, res.n)
+			end
+		end
+	end
+	return stats
+end
+
 ---------------------------------------------------------------------------------------------------
 -- phases
 
 local phases = {}
 
-local function append_loop(store, n, user_of, keep_keys)
+local function append_loop(store, n, user_of, keep_keys, wal)
 	local pool = env.pool
 	local lat = {}
 	local keys = {}
+	local wal_peak = wal and file_size(wal) or nil
 	local w0, c0, m0 = clocks()
 	for i = 1, n do
 		local t = now()
@@ -323,12 +370,17 @@ local function append_loop(store, n, user_of, keep_keys)
 		lat[i] = now() - t
 		if not key then error(("append %d failed: %s"):format(i, tostring(err))) end
 		if keep_keys and keep_keys[i] then keys[i] = key end
+		if wal and i % 2000 == 0 then
+			local sz = file_size(wal)
+			if sz and sz > (wal_peak or 0) then wal_peak = sz end
+		end
 	end
 	local w1, c1, m1 = clocks()
 	table.sort(lat)
 	return {
 		n = n, wall = w1 - w0, cpu = c1 - c0, main_cpu = m1 and m0 and (m1 - m0),
 		p50 = percentile(lat, 0.5), p99 = percentile(lat, 0.99), max = lat[#lat],
+		wal_peak = wal_peak, wal_end = wal and file_size(wal) or nil,
 	}, keys
 end
 
@@ -340,10 +392,11 @@ function phases.append(job)
 		local store, n = env.stores[name], job.appends[name]
 		progress("append: %s, %d appends, one user", name, n)
 		collectgarbage()
-		local one = append_loop(store, n, function () return USER end)
+		local wal = journal_path(name, job.data_dir)
+		local one = append_loop(store, n, function () return USER end, nil, wal)
 		progress("append: %s, %d appends over %d users", name, n, job.users)
 		collectgarbage()
-		local many = append_loop(store, n, function (i) return ("user%05d"):format((i - 1) % job.users + 1) end)
+		local many = append_loop(store, n, function (i) return ("user%05d"):format((i - 1) % job.users + 1) end, nil, wal)
 		-- each trip through server_epoll's loop costs >= 1 ms (min_wait) when only a timer is due,
 		-- so the async case is capped: it shows slices and main-thread cost, not throughput
 		n = math.min(n, job.async_appends or 2000)
@@ -410,7 +463,7 @@ function phases.fill(job)
 	if job.driver == "sql" then
 		stats, keys = fill_sql_batched(store, n, keep)
 	else
-		stats, keys = append_loop(store, n, function () return USER end, keep)
+		stats, keys = append_loop(store, n, function () return USER end, keep, journal_path(job.driver, job.data_dir))
 	end
 	stats.rss_peak = proc_status("VmHWM")
 	local named = {}
@@ -545,10 +598,22 @@ function phases.delete(job)
 	local store = env.stores[job.driver]
 	local cutoff = T0 + job.n // 2
 	progress("delete: %s@%d, {end = T0 + %d} inside util.async runner", job.driver, job.n, job.n // 2)
+	local engine_calls = DRIVER_INFO[job.driver].module == "native"
+		and instrument_engine(store, { "delete", "vacuum_step" }) or nil
+	local wal = journal_path(job.driver, job.data_dir)
+	local wal_peak = wal and file_size(wal) or nil
+	if wal then
+		env.timer.add_task(0.05, function ()
+			local sz = file_size(wal)
+			if sz and sz > (wal_peak or 0) then wal_peak = sz end
+			return 0.05
+		end)
+	end
 	local stats, ret, err = run_async(function ()
 		return store:delete(USER, { ["end"] = cutoff })
 	end)
-	local out = { delete = stats, ret = ret, err = err and tostring(err), problems = {} }
+	local out = { delete = stats, ret = ret, err = err and tostring(err), problems = {},
+		engine_calls = engine_calls, wal_peak = wal_peak }
 	if not ret then out.problems[1] = "delete failed: " .. tostring(err) end
 	-- what the driver reports about its own slices, if it exposes anything
 	local drv = env.drivers[job.driver]
@@ -829,12 +894,12 @@ local function parent_main(argv)
 					local s = case[2]
 					rows[#rows + 1] = { DRIVER_INFO[d].label, case[1], s.n, ("%.2f"):format(s.wall), ("%.0f"):format(s.n / s.wall),
 						fus(s.wall / s.n), fus(s.p50), fus(s.p99), fms(s.max),
-						fus(s.main_cpu and s.main_cpu / s.n), fus(s.cpu / s.n) }
+						fus(s.main_cpu and s.main_cpu / s.n), fus(s.cpu / s.n), s.wal_peak and fmb(s.wal_peak) or "-" }
 				end
 			end
 		end
 		print_table({ "driver", "archive", "N", "wall s", "msg/s", "µs/append", "p50 µs", "p99 µs", "max ms",
-			"main cpu µs", "cpu µs" }, rows, { nil, nil, "r", "r", "r", "r", "r", "r", "r", "r", "r" })
+			"main cpu µs", "cpu µs", "WAL peak MB" }, rows, { nil, nil, "r", "r", "r", "r", "r", "r", "r", "r", "r", "r" })
 		print()
 		print("   inside a util.async runner with the real net.server loop (what mod_mam does: stanza handlers run in async runners):")
 		rows = {}
@@ -882,12 +947,14 @@ local function parent_main(argv)
 			local how = r.driver == "sql" and ("batched INSERTs, %d per transaction (see below)"):format(s.batched)
 				or "store:append()"
 			rows[#rows + 1] = { r.tag, how, ("%.1f"):format(s.wall), ("%.0f"):format(s.n / s.wall),
-				s.p99 and fus(s.p99) or "-", s.max and fms(s.max) or "-", fmb(s.rss_peak),
+				s.p99 and fus(s.p99) or "-", s.max and fms(s.max) or "-", s.wal_peak and fmb(s.wal_peak) or "-", fmb(s.rss_peak),
 				("%.1f"):format(r.disk / 1e6), ("%.0f"):format(r.disk / r.n), r.disk_detail }
 		end
 	end
-	print_table({ "archive", "how", "wall s", "msg/s", "p99 µs", "max ms", "peak RSS MB", "disk MB", "B/msg", "files" }, rows,
-		{ nil, nil, "r", "r", "r", "r", "r", "r", "r" })
+	print_table({ "archive", "how", "wall s", "msg/s", "p99 µs", "max ms", "WAL peak MB", "peak RSS MB", "disk MB", "B/msg", "files" }, rows,
+		{ nil, nil, "r", "r", "r", "r", "r", "r", "r", "r" })
+	print("   disk = all files in the data dir after the filling process exited (a clean close checkpoints and removes the WAL);")
+	print("   WAL peak = largest -wal file seen while appending (sampled every 2000 appends)")
 	if has.sql then
 		print("   sql: filled by batching rows identical to its append() (same INSERT, util.uuid keys, type 'xml', tostring(stanza))")
 		print("        through its own engine:transaction(), because its per-append fsync (~480/s) cannot fill 100k in budget")
@@ -951,6 +1018,10 @@ local function parent_main(argv)
 		for _, r in ipairs(refs) do rr[#rr + 1] = ratio_text(r.query.rss_peak, native_same.query.rss_peak, { "smaller", "larger" }) end
 	end
 	print_table(headers, rows)
+	if has.sql then
+		print("   sql answers unfiltered totals from its LRU count cache once a query has counted (its cold newest page paid the COUNT(*)),")
+		print("   so its 'total only' row is a cache hit; native keeps a per-archive counter")
+	end
 	print()
 	print("   CPU (os.clock, warm median, ms):")
 	rows = {}
@@ -1014,6 +1085,20 @@ local function parent_main(argv)
 	print("   slices = resumes of the runner's coroutine (main-thread work between two yields); longest slice = the longest the")
 	print("   server loop was blocked by the delete; max loop gap = longest interval between 1 ms heartbeat timers")
 	for _, r in ipairs(big) do
+		local ec = r.delete and r.delete.engine_calls
+		if ec then
+			local parts = {}
+			for _, m in ipairs({ "delete", "vacuum_step" }) do
+				local e = ec[m]
+				if e then
+					parts[#parts + 1] = ("db:%s %d calls, longest %s ms, total %s ms"):format(m, e.calls, fms(e.max), fms(e.sum))
+				end
+			end
+			print(("   %s engine calls inside the delete: %s%s"):format(r.tag, table.concat(parts, "; "),
+				r.delete.wal_peak and ("; WAL peak %.1f MB"):format(r.delete.wal_peak / 1e6) or ""))
+		end
+	end
+	for _, r in ipairs(big) do
 		if r.delete and r.delete.driver_stats then
 			print(("   %s driver-reported stats: %s"):format(r.tag, serialize(r.delete.driver_stats):gsub("%s+", " ")))
 		end
@@ -1023,8 +1108,9 @@ local function parent_main(argv)
 		for _, r in ipairs(refs) do
 			local d = r.delete and r.delete.delete
 			if d and nd then
-				print(("   @%d: longest blocking slice %s (%s vs %s ms); whole call %s"):format(o.ref, ratio_text(d.slice_max, nd.slice_max, { "shorter", "longer" }),
-					fms(d.slice_max), fms(nd.slice_max), ratio_text(d.wall, nd.wall)):gsub("^   @", "   vs " .. r.driver .. " @"))
+				print(("   vs %s @%d: longest blocking slice %s (%s vs %s ms); whole call %s"):format(r.driver, o.ref,
+					ratio_text(d.slice_max, nd.slice_max, { "shorter", "longer" }),
+					fms(d.slice_max), fms(nd.slice_max), ratio_text(d.wall, nd.wall)))
 			end
 		end
 	end
@@ -1036,7 +1122,7 @@ local function parent_main(argv)
 
 	-- disk
 	print()
-	print("== 5. Disk bytes per message (database + WAL + other files after the fill, / N) ==")
+	print("== 5. Disk bytes per message (all files of the store after the filling process exited, / N) ==")
 	rows = {}
 	for _, r in ipairs(big) do
 		if r.disk then
