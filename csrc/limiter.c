@@ -324,7 +324,7 @@ typedef struct {
 typedef struct {
 	uint64_t hi, lo;
 	int64_t ban_until;  /* µs; <= now: not banned */
-	int64_t last;       /* µs; strikes are up to date at this time */
+	int64_t last;       /* µs; strikes are forgiven one per period from here */
 	int64_t level_at;   /* µs; the ban level decays from here (or ban end) */
 	double strikes;
 	uint32_t refused;   /* strikes ever reported against this prefix */
@@ -455,14 +455,25 @@ static rate_entry *rate_insert(limiter *l, uint64_t hi, uint64_t lo, int plen, i
 	return victim;
 }
 
-/* Brings strikes and ban level up to date. */
+/* Brings strikes and ban level up to date. Strikes are forgiven one at a time, one
+ * per window / ban_strikes since the last one was (so ban_strikes strikes within
+ * that period always ban, however they are spaced). */
 static void off_decay(limiter *l, offender *o, int64_t now) {
-	int64_t from;
-	if(now > o->last) {
-		o->strikes -= (double)(now - o->last) * l->strike_limit / (double)l->window;
-		if(o->strikes < 0)
-			o->strikes = 0;
+	int64_t from, period = (int64_t)((double)l->window / l->strike_limit);
+	if(period < 1)
+		period = 1;
+	if(o->strikes <= 0) {
+		o->strikes = 0;
 		o->last = now;
+	} else if(now - o->last >= period) {
+		int64_t steps = (now - o->last) / period;
+		if((double)steps >= o->strikes) {
+			o->strikes = 0;
+			o->last = now;
+		} else {
+			o->strikes -= (double)steps;
+			o->last += steps * period;
+		}
 	}
 	from = o->level_at > o->ban_until ? o->level_at : o->ban_until;
 	if(o->level > 0 && now - from >= l->forgive) {
@@ -699,7 +710,8 @@ static lua_Number opt_field(lua_State *L, int t, const char *field, lua_Number d
 
 /* limiter.new(options?) -> limiter
  * options: capacity (65536), offenders (4096), clock ("monotonic" | "manual"),
- * seed (16+ byte string; random otherwise), ban_strikes (3), ban_window (600 s),
+ * seed (16+ byte string; random otherwise), ban_strikes (3; one is forgiven every
+ * ban_window / ban_strikes), ban_window (600 s),
  * ban_initial (300 s), ban_factor (2), ban_max (86400 s), ban_forgive (3600 s). */
 static int Lnew(lua_State *L) {
 	limiter *l;

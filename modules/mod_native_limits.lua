@@ -208,7 +208,7 @@ local function read_config()
 		c.max_unauthenticated = counts_option("native_limits_max_unauthenticated", { address = 10 });
 	else
 		c.rules = {
-			muc_joins = levels_option("native_limits_muc_joins", { address = "6/min burst 6" });
+			muc_joins = levels_option("native_limits_muc_joins", { address = "20/min burst 25" });
 			muc_creations = levels_option("native_limits_muc_creations", { address = "2/10min" });
 		};
 		c.muc_messages = rate_option("native_limits_muc_messages", "1/s burst 5");
@@ -305,7 +305,7 @@ module:add_timer(config.log_interval, function ()
 		local top = lim:top(1)[1];
 		module:log("info", "%sLast %ds: %s%s", config.dry_run and "[dry run] " or "", config.log_interval, table.concat(parts, ", "),
 			top and (("; top offender %s (level %d, %.1f strikes%s)"):format(top.prefix, top.level, top.strikes,
-				top.ban_left > 0 and (", banned %ds"):format(top.ban_left) or "")) or "");
+				top.ban_left > 0 and (", banned %ds"):format(math.ceil(top.ban_left)) or "")) or "");
 		summary = {};
 	end
 	return config.log_interval;

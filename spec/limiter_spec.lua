@@ -294,7 +294,9 @@ describe("prosody_native.limiter", function ()
 			local lim = lim_with_bans();
 			local k = addr("2001:db8::66");
 			lim:strike(k); lim:strike(k);
-			lim:advance(200); -- one strike leaks every 600/3 s
+			lim:advance(199);
+			assert.same({ nil, 2, 0 }, { lim:strike(k, 128, 0) }); -- weight 0 only looks: nothing forgiven yet
+			lim:advance(1); -- one strike is forgiven every 600/3 s
 			assert.same({ nil, 2, 0 }, { lim:strike(k) });
 			lim:advance(600);
 			assert.same({ nil, 1, 0 }, { lim:strike(k) });
@@ -494,6 +496,17 @@ describe("prosody_native.limiter", function ()
 				assert.is_true(lim:now() >= 0);
 				assert.is_nil(lim:banned(k));
 				lim:strike(k); lim:strike(k);
+				assert.equal(300, (lim:strike(k)));
+			end
+		end);
+
+		it("bans on strikes spaced apart in real time (strikes are forgiven whole, not leaked)", function ()
+			local function spin(seconds) local t = os.clock(); while os.clock() - t < seconds do end end
+			for _ = 1, 5 do
+				local lim <close> = assert(limiter.new({ offenders = 64, capacity = 64 }));
+				local k = addr("192.0.2.1");
+				lim:strike(k); spin(0.01);
+				lim:strike(k); spin(0.01);
 				assert.equal(300, (lim:strike(k)));
 			end
 		end);

@@ -267,3 +267,32 @@ def test_bad_options_are_named(prosody_factory):
         assert "Error initializing module 'native_limits' on 'localhost': " + message in log, (option, log[-3000:])
         assert "Limits active" not in log, option
         srv.stop()
+
+
+def test_bans_survive_a_module_reload_and_config_reload_applies_new_limits(prosody_factory):
+    srv = limits_server(prosody_factory, host_options={
+        "native_limits_connections": only(address="1/10min"),
+        "native_limits_logins": False,
+    })
+    assert "Banned 198.51.100.0/24" in srv.shell('limits:ban("198.51.100.0/24", 900)')
+    c = Anon(srv)
+    assert c.open()[0] == "ok"
+    c.close()
+    c = Anon(srv)
+    expect_stream_error(c.open()[1], contains="Too many connections")
+    c.close()
+    srv.shell('module:reload("native_limits", "localhost")')
+    assert re.search(r"198\.51\.100\.0/24\s+level 0 .*banned (\d+)s", srv.shell("limits:top()"))
+    c = Anon(srv)
+    expect_stream_error(c.open()[1], contains="Too many connections")  # rate state kept too
+    c.close()
+    # a config reload with a bigger budget takes effect at once, state kept
+    cfg = srv.config_path.read_text().replace('native_limits_connections = { address = "1/10min"',
+                                              'native_limits_connections = { address = "6/10min burst 10"')
+    assert "6/10min burst 10" in cfg
+    srv.config_path.write_text(cfg)
+    srv.shell("config:reload()")
+    c = Anon(srv)
+    assert c.open()[0] == "ok"
+    c.close()
+    assert "Limits reloaded" in srv.log_text()

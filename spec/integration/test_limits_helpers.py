@@ -11,6 +11,7 @@ import os
 import re
 import socket
 import struct
+import time
 import urllib.request
 
 import harness
@@ -30,8 +31,20 @@ def limits_server(factory, *, host_options=None, muc_options=None, global_option
     h.update(host_options or {})
     m = {"native_limits_exempt_loopback": exempt_loopback}
     m.update(muc_options or {})
-    return factory(global_options=g, host_options=h, muc_options=m, modules=["http_openmetrics", *modules],
-                   host_modules=["native_limits"], muc_modules=["native_limits"] if muc else ())
+    srv = factory(global_options=g, host_options=h, muc_options=m, modules=["http_openmetrics", *modules],
+                  host_modules=["native_limits"], muc_modules=["native_limits"] if muc else ())
+    # the harness waits for the c2s port; the HTTP port (metrics, WebSocket, BOSH) may open a moment later
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", srv.http_port), timeout=1).close()
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+    srv.shell(">1")  # and the admin shell answers once every host's modules have loaded
+    return srv
 
 
 def advance(srv, seconds, host=ANON_HOST):
