@@ -27,6 +27,7 @@ ENGINES    = $(basename $(notdir $(wildcard csrc/*.c)))
 SOS        = $(ENGINES:%=$(BUILD)/prosody_native/%.so)
 
 archive_LIBS = -lsqlite3 -lpthread
+dane_LIBS = -lssl -lcrypto
 
 .PHONY: all check check-asan bench demo install uninstall deps clean asan-build
 all: $(SOS)
@@ -92,3 +93,18 @@ fuzz-limiter: build-fuzz/limiter_parse_fuzz
 	@mkdir -p build-fuzz/limiter-corpus
 	@i=0; while IFS= read -r s; do i=$$((i+1)); printf '%s' "$$s" > build-fuzz/limiter-corpus/seed$$i; done < fuzz/limiter_seeds.txt
 	build-fuzz/limiter_parse_fuzz -max_total_time=$(FUZZ_SECONDS) -max_len=128 build-fuzz/limiter-corpus
+
+# The dane engine's TLSA rdata/text and certificate chain parsers (make fuzz-dane).
+build-fuzz/dane_record_fuzz: fuzz/dane_record_fuzz.c csrc/dane.c csrc/pn_common.h
+	@mkdir -p $(@D)
+	clang $(FUZZ_FLAGS) -o $@ $< -llua5.4 -lssl -lcrypto -lm
+
+.PHONY: fuzz-dane
+fuzz-dane: build-fuzz/dane_record_fuzz
+	@mkdir -p build-fuzz/dane-corpus
+	@i=0; while IFS= read -r s; do i=$$((i+1)); printf '%s' "$$s" > build-fuzz/dane-corpus/seed$$i; done < fuzz/dane_seeds.txt
+	@printf '\003\001\001' > build-fuzz/dane-corpus/rdata-short
+	@openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout /dev/null -subj /CN=seed -days 1 \
+	  -outform DER -out build-fuzz/dane-corpus/cert.der 2>/dev/null
+	@openssl x509 -inform DER -in build-fuzz/dane-corpus/cert.der -out build-fuzz/dane-corpus/cert.pem
+	build-fuzz/dane_record_fuzz -max_total_time=$(FUZZ_SECONDS) -max_len=4096 build-fuzz/dane-corpus

@@ -17,6 +17,7 @@ dependencies = {
 }
 external_dependencies = {
 	SQLITE3 = { header = "sqlite3.h"; library = "sqlite3" };
+	OPENSSL = { header = "openssl/ssl.h"; library = "ssl" };
 }
 build = {
 	type = "builtin";
@@ -38,6 +39,13 @@ build = {
 			libraries = { "sqlite3", "pthread" };
 			incdirs = { "$(SQLITE3_INCDIR)", "csrc" };
 			libdirs = { "$(SQLITE3_LIBDIR)" };
+			defines = { "_GNU_SOURCE" };
+		};
+		["prosody_native.dane"] = {
+			sources = { "csrc/dane.c" };
+			libraries = { "ssl", "crypto" };
+			incdirs = { "$(OPENSSL_INCDIR)", "csrc" };
+			libdirs = { "$(OPENSSL_LIBDIR)" };
 			defines = { "_GNU_SOURCE" };
 		};
 		["prosody_native.limiter"] = {
