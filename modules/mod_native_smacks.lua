@@ -274,10 +274,11 @@ local function record_delivery(username, key, value)
 	end
 end
 
--- true if a session other than `session`, still live and connected, received the message,
--- or the message was already dealt with by the expiry of another session.
-local function delivered_elsewhere(session, key)
-	local rec = key and delivered[session.username];
+-- true if a session other than the dying one, still live and connected, received the
+-- message, or the message was already dealt with by the expiry of another session.
+local function delivered_elsewhere(who, key)
+	local session = who.session;
+	local rec = key and delivered[who.username];
 	local v = rec and rec.keys[key];
 	if v == nil then return false; end
 	if v == true then return true; end
@@ -357,16 +358,16 @@ local function local_should_store(stanza)
 	return false;
 end
 
-local function worth_storing(session, stanza)
+local function worth_storing(who, stanza)
 	if modulemanager.is_loaded(host, "mam") then
-		return module:fire_event("archive-should-store", { stanza = stanza; session = session }) and true or false;
+		return module:fire_event("archive-should-store", { stanza = stanza; session = who.session }) and true or false;
 	end
 	return local_should_store(stanza);
 end
 
-local function available_resources(session)
-	local out = {};
-	local user = local_sessions[session.username];
+local function available_resources(who)
+	local out, session = {}, who.session;
+	local user = local_sessions[who.username];
 	if user then
 		for _, s in pairs(user.sessions) do
 			if s ~= session and not s.destroyed and not s.hibernating and s.presence and (s.priority or 0) >= 0 then
@@ -377,20 +378,20 @@ local function available_resources(session)
 	return out;
 end
 
-local function bounce(session, stanza, condition, text)
+local function bounce(who, stanza, condition, text)
 	local reply = st.error_reply(stanza, "cancel", condition, text);
-	reply.attr.from = jid_bare(session.full_jid);
+	reply.attr.from = who.bare;
 	module:send(reply);
 end
 
 -- Decides and carries out the fate of one unacknowledged stanza; returns the outcome.
-local function dispose(session, stanza)
+local function dispose(who, stanza)
 	local name, stype = stanza.name, stanza.attr.type;
 	if name == "presence" then
 		return "ephemeral";
 	elseif name == "iq" then
 		if stype == "get" or stype == "set" then
-			bounce(session, stanza, "service-unavailable", "The recipient's session ended before it could answer");
+			bounce(who, stanza, "service-unavailable", "The recipient's session ended before it could answer");
 			return "iq_error";
 		end
 		return "ephemeral";
@@ -398,66 +399,81 @@ local function dispose(session, stanza)
 	stype = stype or "normal";
 	if stype == "headline" or stype == "groupchat" or stype == "error"
 	or stanza:get_child("result", xmlns_mam) or carbon_inner(stanza) ~= nil
-	or not worth_storing(session, stanza) then
+	or not worth_storing(who, stanza) then
 		return "ephemeral";
 	end
-	local username = session.username;
+	local username = who.username;
 	local key = message_key(stanza);
-	if delivered_elsewhere(session, key) then
+	if delivered_elsewhere(who, key) then
 		return "elsewhere";
 	end
-	local archived = stanza:get_child_with_attr("stanza-id", xmlns_sid, "by", username .. "@" .. host) ~= nil;
+	local archived = stanza:get_child_with_attr("stanza-id", xmlns_sid, "by", who.bare) ~= nil;
 	local function done(outcome)
 		if key then record_delivery(username, key, true); end
 		return outcome;
 	end
-	if archived and client_uses_mam(session) then
+	if archived and who.uses_mam then
 		return done("archived");
 	end
-	local targets = available_resources(session);
+	local targets = available_resources(who);
 	if #targets > 0 then
-		stanza.attr.to = username .. "@" .. host;
+		stanza.attr.to = who.bare;
 		for _, target in ipairs(targets) do
 			target.send(stanza);
 		end
 		return done("redirected");
 	end
-	for attempt = 0, storage_retries do
+	-- without mod_offline nothing will store it: one attempt (mod_mam may still claim it)
+	local attempts = modulemanager.is_loaded(host, "offline") and storage_retries or 0;
+	for attempt = 0, attempts do
 		local ok, stored = pcall(module.fire_event, module, "message/offline/handle",
-			{ origin = session; username = username; stanza = stanza });
+			{ origin = who.session; username = username; stanza = stanza });
 		if ok and stored then
 			return done("offline");
 		end
-		session.log("warn", "Offline storage refused a message from an expired session (attempt %d): %s",
-			attempt + 1, ok and "not stored" or tostring(stored));
-		if attempt < storage_retries and async.ready() then
+		if attempts > 0 then
+			who.log("warn", "Offline storage refused a message from an expired session (attempt %d): %s",
+				attempt + 1, ok and "not stored" or tostring(stored));
+		end
+		if attempt < attempts and async.ready() then
 			pcall(async.sleep, 0.5 * (attempt + 1));
 		end
 	end
 	if archived then
 		return done("archived");
 	end
-	if module:fire_event("delivery/failure", { session = session; stanza = stanza }) then
+	if module:fire_event("delivery/failure", { session = who.session; stanza = stanza }) then
 		return done("handled");
 	end
-	if stanza.attr.from ~= session.full_jid then
-		bounce(session, stanza, "recipient-unavailable",
+	if stanza.attr.from ~= who.full_jid then
+		bounce(who, stanza, "recipient-unavailable",
 			"The recipient's session expired before the message could be delivered");
 	end
 	return "bounced";
 end
 
+-- The policy may wait (storage retries) while the session is retired and its fields
+-- cleared: it works on this snapshot of who the session was.
+local function snapshot(session)
+	return {
+		session = session; log = session.log; host = session.host;
+		username = session.username; resource = session.resource; full_jid = session.full_jid;
+		bare = session.username .. "@" .. session.host;
+		uses_mam = client_uses_mam(session);
+	};
+end
+
 local function run_policy(job)
-	local session = job.session;
+	local who = job.who;
 	for _, item in ipairs(job.items) do
-		local stanza = rebuild(session, item[1], item[2], item[4]);
-		local outcome = stanza and dispose(session, stanza) or "unreadable";
+		local stanza = rebuild(who, item[1], item[2], item[4]);
+		local outcome = stanza and dispose(who, stanza) or "unreadable";
 		outcome_counters[outcome]:add(1);
-		session.log("debug", "Unacked stanza (%s): %s", job.reason, outcome);
-		module:fire_event("smacks-redirect", { origin = session; stanza = stanza; outcome = outcome; reason = job.reason });
+		who.log("debug", "Unacked stanza (%s): %s", job.reason, outcome);
+		module:fire_event("smacks-redirect", { origin = who.session; stanza = stanza; outcome = outcome; reason = job.reason });
 	end
 	if job.release then
-		sm_user_add(session.username, -1);
+		sm_user_add(who.username, -1);
 	end
 end
 
@@ -479,7 +495,7 @@ local function discard_queue(session, reason)
 	end
 	queue.q:close();
 	session.log("debug", "Discarding queue with %d unacked stanzas (%s)", #items, reason);
-	policy_runner:run({ session = session; items = items; reason = reason; release = true });
+	policy_runner:run({ who = snapshot(session); items = items; reason = reason; release = true });
 end
 
 -- ---------------------------------------------------------------- outgoing stanzas
@@ -496,7 +512,7 @@ local function queue_push(session, bytes, stanza)
 	if ev_bytes then
 		m_evicted:add(1);
 		session.log("warn", "Stream management queue full (%d), handing the oldest unacked stanza to the expiry policy", queue_size);
-		policy_runner:run({ session = session; items = { { ev_bytes, ev_kind, ev_flags, ev_stamp } }; reason = "overflow" });
+		policy_runner:run({ who = snapshot(session); items = { { ev_bytes, ev_kind, ev_flags, ev_stamp } }; reason = "overflow" });
 	end
 	return h;
 end

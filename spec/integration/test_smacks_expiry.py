@@ -27,6 +27,16 @@ NS_CARBONS = "urn:xmpp:carbons:2"
 _names = itertools.count(1)
 
 
+@pytest.fixture(autouse=True)
+def no_policy_errors(request):
+    """Every server of a test: the expiry policy never failed and every queued stanza could be rebuilt."""
+    yield
+    for srv in list(harness.SERVERS) + list(getattr(request.node, "_pn_stopped_servers", [])):
+        log = srv.log_text()
+        for marker in ("Expiry policy failed", "Could not rebuild a queued stanza"):
+            assert marker not in log, f"{srv.name}: {marker}"
+
+
 def smacks_server(factory, **options):
     g = {"smacks_hibernation_time": HIBERNATION, "smacks_min_hibernation_time": 1, "smacks_ack_timeout": 0}
     g.update(options)
@@ -252,7 +262,7 @@ def test_full_jid_chat_redirected_to_desktop_without_carbons(prosody_factory):
 
 
 def test_queue_overflow_loses_nothing(prosody_factory):
-    server = smacks_server(prosody_factory, smacks_max_queue_size=3)
+    server = smacks_server(prosody_factory, smacks_max_queue_size=3, smacks_hibernation_time=6)
     p, s = users(server, "phone", "sender")
 
     async def scenario():
@@ -305,7 +315,8 @@ def test_queue_overflow_keeps_resumption_valid(prosody_factory):
 
 
 def test_two_phones_hibernating_store_one_copy(prosody_factory):
-    server = smacks_server(prosody_factory)
+    # long enough that the first phone is still hibernating when the message arrives, even under ASan
+    server = smacks_server(prosody_factory, smacks_hibernation_time=6)
     p, s = users(server, "phone", "sender")
 
     async def scenario():

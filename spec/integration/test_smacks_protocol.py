@@ -36,6 +36,16 @@ def smacks_server(factory, **options):
 _names = itertools.count(1)
 
 
+@pytest.fixture(autouse=True)
+def no_policy_errors(request):
+    """Every server of a test: the expiry policy never failed and every queued stanza could be rebuilt."""
+    yield
+    for srv in list(harness.SERVERS) + list(getattr(request.node, "_pn_stopped_servers", [])):
+        log = srv.log_text()
+        for marker in ("Expiry policy failed", "Could not rebuild a queued stanza"):
+            assert marker not in log, f"{srv.name}: {marker}"
+
+
 def new_user(server, prefix="u"):
     name = f"{prefix}{next(_names)}"
     server.register(name, "pass")
