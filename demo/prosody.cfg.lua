@@ -1,5 +1,6 @@
 -- prosody-native demo configuration, started by `make demo` (demo/run), which sets the
--- PN_DEMO_* variables read here through Prosody's ENV_ config variables.
+-- PN_* variables read here through Prosody's ENV_ config variables. The browser spec
+-- (spec/integration/test_webchat.py) starts this same file through demo/run, on free ports.
 local state = ENV_PN_DEMO_STATE;
 
 pidfile = state .. "/prosody.pid";
@@ -11,12 +12,12 @@ admin_socket = state .. "/prosody.sock";
 log = { info = "*stdout"; debug = state .. "/prosody.log" };
 run_as_root = true;
 
+-- Loopback only: no certificates, no TLS, plain passwords allowed. Never like this on a real server.
 interfaces = { "127.0.0.1" };
 c2s_ports = { ENV_PN_DEMO_C2S_PORT };
 http_interfaces = { "127.0.0.1" };
 http_ports = { ENV_PN_DEMO_HTTP_PORT };
 https_ports = { };
--- loopback only: no certificates in the demo
 c2s_require_encryption = false;
 allow_unencrypted_plain_auth = true;
 
@@ -30,11 +31,21 @@ default_storage = "internal";
 storage = { archive = "native"; muc_log = "native"; offline = "native" };
 archive_expires_after = "1w";
 
+-- HTTP: the webchat page, WebSocket and BOSH on one origin. Addressed as 127.0.0.1 (no Host
+-- that names a VirtualHost), requests go to the anonymous host.
+http_default_host = "anon.localhost";
+http_paths = { native_webchat = "/chat"; websocket = "/xmpp-websocket"; bosh = "/http-bind" };
+
 VirtualHost "localhost"
 	authentication = "internal_hashed"
 
 VirtualHost "anon.localhost"
 	authentication = "anonymous"
+	modules_enabled = { "native_webchat" }
+	webchat_room = "support@conference.localhost"
+	webchat_room_name = "Support"
+	webchat_title = "prosody-native support chat"
+	webchat_converse_dir = ENV_PN_CONVERSE_DIR
 
 Component "conference.localhost" "muc"
 	modules_enabled = { "muc_mam" }
