@@ -35,18 +35,24 @@ archive_expires_after = "1w";
 -- that names a VirtualHost), requests go to the anonymous host.
 http_default_host = "anon.localhost";
 http_paths = { native_webchat = "/chat"; websocket = "/xmpp-websocket"; bosh = "/http-bind" };
+-- No reverse proxy in front of the demo: the browser's own address is the client's. (Behind a proxy,
+-- list it here and have it send X-Forwarded-For; see the README.)
+trusted_proxies = { };
 
 VirtualHost "localhost"
 	authentication = "internal_hashed"
 
 VirtualHost "anon.localhost"
 	authentication = "anonymous"
-	modules_enabled = { "native_webchat" }
+	modules_enabled = { "native_webchat"; "native_limits" }
+	-- Every demo visitor comes from 127.0.0.1, normally exempt: limit it, so a flood shows.
+	native_limits_exempt_loopback = false
 	webchat_room = "support@conference.localhost"
 	webchat_room_name = "Support"
 	webchat_title = "prosody-native support chat"
 	webchat_converse_dir = ENV_PN_CONVERSE_DIR
 
 Component "conference.localhost" "muc"
-	modules_enabled = { "muc_mam" }
+	modules_enabled = { "muc_mam"; "native_limits" }
 	muc_log_by_default = true
+	native_limits_exempt_loopback = false

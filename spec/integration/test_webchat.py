@@ -329,6 +329,17 @@ def test_ctrl_c_stops_cleanly_and_a_second_run_reuses_the_data(demo, exchanged):
     assert (SHOTS / "07-late-joiner-history.png").stat().st_size > 0
 
 
+def test_a_flooding_visitor_is_slowed_then_refused_by_the_limits(demo):
+    # Last of the browser specs: it gets 127.0.0.1 banned from the room service for five minutes.
+    result = browser_step(demo, "flood")
+    assert_step(result)
+    # Server side: the room archived only what the limits let through, and the ban was logged.
+    archived = archived_in_support(demo, f"flood-{result['run']}-")
+    assert 1 <= archived <= result["sent"] - 30, f"{archived} of {result['sent']} flood messages archived"
+    assert re.search(r"conference\.localhost:native_limits\tinfo\tBanned 127\.0\.0\.1 for \d+s", demo.log())
+    assert (SHOTS / "10-flood-banned-on-rejoin.png").stat().st_size > 0
+
+
 # -- the converse.js download --------------------------------------------------------------------------------------
 
 
