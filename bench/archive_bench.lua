@@ -21,11 +21,13 @@ usage: bench/run [options] [REF_SIZE [NATIVE_SIZE]]
   NATIVE_SIZE, --native-size N  big archive for native (default 1000000); native also runs at REF_SIZE
   --appends-sql N               appends into an empty archive, sql (default 1000: it fsyncs ~480/s)
   --appends-internal N          (default 10000)
-  --appends-native N            durability "normal" (default 100000)
+  --appends-native N            durability "normal" (default 50000)
   --appends-native-full N       durability "full" (default 2000)
   --users U                     the many-users append case spreads the same N over U users (default 1000)
   --warm R                      warm repetitions per query (default 5; fewer if a query is slow)
   --warm-budget S               stop warm repetitions after S seconds per query (default 4)
+  --fill-budget S               stop filling a big archive by append() after S seconds and go on with the
+                                size reached (default 240; keeps `make bench` bounded if appends are slow)
   --drivers LIST                comma list from sql,internal,native,native_full (default: all available)
   --dir DIR                     work directory (default: a fresh /tmp/prosody-native-bench.XXXXXX)
   --keep                        keep the work directory
@@ -358,18 +360,24 @@ end
 
 local phases = {}
 
-local function append_loop(store, n, user_of, keep_keys, wal)
+local function append_loop(store, n, user_of, keep_keys, wal, budget)
 	local pool = env.pool
 	local lat = {}
 	local keys = {}
 	local wal_peak = wal and file_size(wal) or nil
 	local w0, c0, m0 = clocks()
+	local deadline = budget and w0 + budget
+	local done = n
 	for i = 1, n do
+		if deadline and i % 1000 == 1 and i > 1 and now() > deadline then
+			done = i - 1
+			break
+		end
 		local t = now()
 		local key, err = store:append(user_of(i), nil, pool[(i - 1) % POOL + 1], T0 + i, contact(i))
 		lat[i] = now() - t
 		if not key then error(("append %d failed: %s"):format(i, tostring(err))) end
-		if keep_keys and keep_keys[i] then keys[i] = key end
+		if keep_keys and (keep_keys[i] or (budget and i % 1000 == 0)) then keys[i] = key end
 		if wal and i % 2000 == 0 then
 			local sz = file_size(wal)
 			if sz and sz > (wal_peak or 0) then wal_peak = sz end
@@ -378,7 +386,7 @@ local function append_loop(store, n, user_of, keep_keys, wal)
 	local w1, c1, m1 = clocks()
 	table.sort(lat)
 	return {
-		n = n, wall = w1 - w0, cpu = c1 - c0, main_cpu = m1 and m0 and (m1 - m0),
+		n = done, planned = n, wall = w1 - w0, cpu = c1 - c0, main_cpu = m1 and m0 and (m1 - m0),
 		p50 = percentile(lat, 0.5), p99 = percentile(lat, 0.99), max = lat[#lat],
 		wal_peak = wal_peak, wal_end = wal and file_size(wal) or nil,
 	}, keys
@@ -463,16 +471,32 @@ function phases.fill(job)
 	if job.driver == "sql" then
 		stats, keys = fill_sql_batched(store, n, keep)
 	else
-		stats, keys = append_loop(store, n, function () return USER end, keep, journal_path(job.driver, job.data_dir))
+		stats, keys = append_loop(store, n, function () return USER end, keep, journal_path(job.driver, job.data_dir),
+			job.budget)
 	end
 	stats.rss_peak = proc_status("VmHWM")
 	local named = {}
-	for name, p in pairs(job.key_positions) do named[name] = keys[p] end
-	return { fill = stats, keys = named, msg_bytes = env.msg_bytes }
+	if stats.n < n then
+		-- stopped by the fill budget (always after a multiple of 1000 appends): use the keys kept
+		-- every 1000 appends nearest to the quarters of the size reached. No find() here: a query
+		-- in this process could change what the database looks like to the next one (statistics).
+		progress("fill: %s stopped by the time budget after %d of %d messages", job.driver, stats.n, n)
+		local m = stats.n
+		local k = m // 1000
+		local pos = { q1 = math.max(1, k // 4), mid = math.max(1, (k + 1) // 2), q3 = math.max(1, math.min(k, -((-3 * k) // 4))) }
+		for name, p in pairs(pos) do named[name] = keys[p * 1000] end
+	else
+		for name, p in pairs(job.key_positions) do named[name] = keys[p] end
+	end
+	return { fill = stats, keys = named, msg_bytes = env.msg_bytes, n = stats.n }
 end
 
 local function build_queries(n, keys)
 	local mid_when = T0 + n // 2
+	local distinct = {}
+	for _, k in ipairs({ keys.q1 or 1, keys.mid or 2, keys.q3 or 3 }) do distinct[k] = true end
+	local n_ids = 0
+	for _ in pairs(distinct) do n_ids = n_ids + 1 end
 	return {
 		{ id = "page", label = "newest page {reverse,limit=51,total}",
 			q = { reverse = true, limit = 51, total = true }, items = 51, total = n },
@@ -481,7 +505,7 @@ local function build_queries(n, keys)
 		{ id = "with_contact", label = "with = contact (1/20 of msgs) (+total)",
 			q = { with = contact(1), reverse = true, limit = 51, total = true }, items = 51, total = n // N_CONTACTS },
 		{ id = "ids", label = "ids = 3 ids (+total)",
-			q = { ids = { keys.q3, keys.q1, keys.mid }, limit = 51, total = true }, items = 3, total = 3 },
+			q = { ids = { keys.q3, keys.q1, keys.mid }, limit = 51, total = true }, items = n_ids, total = n_ids },
 		{ id = "after_mid", label = "RSM after=<mid id> (+total)",
 			q = { after = keys.mid, limit = 51, total = true }, items = 51, total = n },
 		{ id = "before_mid", label = "RSM before=<mid id> reverse (+total)",
@@ -662,8 +686,8 @@ end
 
 local function parse_args(argv)
 	local o = {
-		ref = 100000, native = 1000000, users = 1000, warm = 5, warm_budget = 4,
-		appends = { sql = 1000, internal = 10000, native = 100000, native_full = 2000 },
+		ref = 100000, native = 1000000, users = 1000, warm = 5, warm_budget = 4, fill_budget = 240,
+		appends = { sql = 1000, internal = 10000, native = 50000, native_full = 2000 },
 	}
 	local positional = {}
 	local i = 1
@@ -685,6 +709,7 @@ local function parse_args(argv)
 		elseif a == "--users" then o.users = num(a)
 		elseif a == "--warm" then o.warm = num(a)
 		elseif a == "--warm-budget" then o.warm_budget = num(a)
+		elseif a == "--fill-budget" then o.fill_budget = num(a)
 		elseif a == "--drivers" then i = i + 1; o.drivers = argv[i]
 		elseif a == "--dir" then i = i + 1; o.dir = argv[i]
 		elseif a == "--keep" then o.keep = true
@@ -838,9 +863,17 @@ local function parent_main(argv)
 	local big = {}
 	local function big_run(driver, n, tag)
 		local data_dir = ("%s/big-%s-%d"):format(o.dir, driver, n)
-		local r = { driver = driver, n = n, tag = tag }
-		r.fill = run_child(o, { phase = "fill", data_dir = data_dir, driver = driver, n = n, key_positions = key_positions(n) })
+		local r = { driver = driver, n = n, planned = n, tag = tag }
+		r.fill = run_child(o, { phase = "fill", data_dir = data_dir, driver = driver, n = n, key_positions = key_positions(n),
+			budget = o.fill_budget })
 		if r.fill.failed then big[#big + 1] = r return end
+		if r.fill.n and r.fill.n < n then
+			r.n = r.fill.n
+			r.tag = ("%s@%d*"):format(driver, r.n)
+			notes[#notes + 1] = ("%s: * filling %d messages did not finish within --fill-budget %d s; measured at %d"):format(
+				driver, n, o.fill_budget, r.n)
+		end
+		n = r.n
 		r.disk, r.disk_detail = disk_usage(data_dir)
 		r.query = run_child(o, { phase = "query", data_dir = data_dir, driver = driver, n = n, keys = r.fill.keys,
 			warm = o.warm, warm_budget = o.warm_budget })
@@ -859,7 +892,7 @@ local function parent_main(argv)
 	-------------------------------------------------------------------------------------------
 	-- report
 	local function find_big(driver, n)
-		for _, r in ipairs(big) do if r.driver == driver and r.n == n then return r end end
+		for _, r in ipairs(big) do if r.driver == driver and r.planned == n then return r end end
 	end
 	local problems = {}
 	local function note_problems(tag, list)
@@ -1046,7 +1079,7 @@ local function parent_main(argv)
 	local nb = find_big("native", o.native)
 	if nb and nb.query and not nb.query.failed then
 		print()
-		print(("   issue targets at %d messages (native, warm median / cold):"):format(o.native))
+		print(("   issue targets at %d messages (native, warm median / cold):"):format(nb.n))
 		for _, t in ipairs({ { "page", "newest page of 50 (+1, +total, stanzas built)", 1e-3 },
 			{ "with_absent", "with matching nothing", 1e-3 }, { "ids", "ids", 1e-3 },
 			{ "total", "total only", nil } }) do
@@ -1060,7 +1093,7 @@ local function parent_main(argv)
 		if small and small ~= nb and small.query and not small.query.failed then
 			local a, b = small.query.queries.total, nb.query.queries.total
 			print(("     total at %d vs %d messages: %s vs %s ms warm (O(1) means no growth with size)"):format(
-				o.ref, o.native, fms(a.warm), fms(b.warm)))
+				small.n, nb.n, fms(a.warm), fms(b.warm)))
 		end
 	end
 
@@ -1116,7 +1149,7 @@ local function parent_main(argv)
 	end
 	if nb and nb.delete and nb.delete.delete then
 		local s = nb.delete.delete
-		print(("   at %d messages: longest blocking slice %s ms (issue target <= 20 ms: %s)"):format(o.native, fms(s.slice_max),
+		print(("   at %d messages: longest blocking slice %s ms (issue target <= 20 ms: %s)"):format(nb.n, fms(s.slice_max),
 			s.slice_max <= 0.020 and "met" or "NOT met"))
 	end
 
