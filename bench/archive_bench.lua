@@ -821,8 +821,17 @@ local function print_table(headers, rows, align)
 	for _, r in ipairs(rows) do line(r) end
 end
 
+local function loadavg()
+	local f = io.open("/proc/loadavg")
+	if not f then return "?" end
+	local l = f:read("l") or "?"
+	f:close()
+	return (l:match("^(%S+ %S+ %S+)") or l)
+end
+
 local function parent_main(argv)
 	local o = parse_args(argv)
+	local load_start = loadavg()
 	local started = os.time()
 	local t_start = os.clock()
 	local _ = t_start
@@ -912,6 +921,8 @@ local function parent_main(argv)
 	print(("messages: %d-byte chat stanzas (body %d chars, origin-id, markable, receipt request), `with` cycling over %d contacts, when = T0 + i")
 		:format(math.floor((app.msg_bytes or (big[1] and big[1].fill.msg_bytes) or 0) + 0.5), #make_body(1), N_CONTACTS))
 	print("times: wall clock (util.time.monotonic); cpu = os.clock (whole process, includes helper threads); main cpu = main thread only (/proc/thread-self/schedstat)")
+	print(("load average at start %s, at end %s (anything else running on the machine makes wall times noisy: compare cpu columns too)")
+		:format(load_start, loadavg()))
 
 	-- appends
 	print()
@@ -987,7 +998,7 @@ local function parent_main(argv)
 	print_table({ "archive", "how", "wall s", "msg/s", "p99 µs", "max ms", "WAL peak MB", "peak RSS MB", "disk MB", "B/msg", "files" }, rows,
 		{ nil, nil, "r", "r", "r", "r", "r", "r", "r", "r" })
 	print("   disk = all files in the data dir after the filling process exited (a clean close checkpoints and removes the WAL);")
-	print("   WAL peak = largest -wal file seen while appending (sampled every 2000 appends)")
+	print("   WAL peak = largest -wal file seen while appending (sampled every 2000 appends); fill RSS includes the benchmark's own latency array (16 B/append)")
 	if has.sql then
 		print("   sql: filled by batching rows identical to its append() (same INSERT, util.uuid keys, type 'xml', tostring(stanza))")
 		print("        through its own engine:transaction(), because its per-append fsync (~480/s) cannot fill 100k in budget")
