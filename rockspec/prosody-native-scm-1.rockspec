@@ -25,6 +25,7 @@ build = {
 		-- Prosody modules: top-level names, as prosodyctl install expects.
 		mod_storage_native = "modules/mod_storage_native.lua";
 		mod_native_smacks = "modules/mod_native_smacks.lua";
+		mod_native_dane = "modules/mod_native_dane.lua";
 		mod_native_limits = "modules/mod_native_limits.lua";
 		-- Found by module:require("prosody_native_loader") in the installer tree.
 		prosody_native_loader = "modules/prosody_native_loader.lib.lua";

@@ -1,0 +1,644 @@
+-- mod_native_dane: DANE for outgoing server-to-server connections (RFC 6698, 7671,
+-- 7673), failing closed where the RFCs say so, with per-domain policy, metrics and a
+-- `check` command. Resolution and policy live here (through lua-unbound with DNSSEC
+-- status, as Prosody's net.adns); matching TLSA records against the peer's chain is
+-- the prosody_native.dane engine's job, on OpenSSL's DANE engine, after the handshake,
+-- so it works on every network backend.
+-- luacheck: globals prosody
+
+module:set_global();
+
+local st = require "util.stanza";
+local async = require "util.async";
+local promise = require "util.promise";
+local configmanager = require "core.configmanager";
+local hex = require "util.hex";
+local engine = module:require("prosody_native_loader").load("dane");
+
+local POLICIES = { required = true; opportunistic = true; off = true };
+
+-- Options: each is checked here, so a bad value stops the module with its name.
+local function option_error(name, value, expected)
+	local msg = ("option '%s' must be %s, not %q"):format(name, expected, tostring(value));
+	module:log_status("error", "%s", msg);
+	error(msg, 0);
+end
+
+local function policy_value(name, value)
+	if not POLICIES[value] then
+		option_error(name, value, 'one of "off", "opportunistic", "required"');
+	end
+	return value;
+end
+
+local options, verifier;
+
+local function read_options()
+	local o = {};
+	o.policy = policy_value("dane_policy", module:get_option("dane_policy", "opportunistic"));
+	o.domains = {};
+	local domains = module:get_option("dane_domain_policy", {});
+	if type(domains) ~= "table" then
+		option_error("dane_domain_policy", domains, 'a table of domain = "off" | "opportunistic" | "required"');
+	end
+	for domain, policy in pairs(domains) do
+		if type(domain) ~= "string" then
+			option_error("dane_domain_policy", domain, "keyed by domain names");
+		end
+		o.domains[domain:lower()] = policy_value(("dane_domain_policy[%q]"):format(domain), policy);
+	end
+	local default_ca = "/etc/ssl/certs/ca-certificates.crt";
+	local cafile = module:get_option("dane_cafile", default_ca);
+	if cafile ~= false and type(cafile) ~= "string" then
+		option_error("dane_cafile", cafile, "a file of trusted CA certificates, or false");
+	end
+	if cafile == default_ca and not io.open(default_ca) then cafile = false; end
+	o.cafile = cafile or nil;
+	o.ee_namechecks = module:get_option("dane_ee_namechecks", false);
+	if type(o.ee_namechecks) ~= "boolean" then
+		option_error("dane_ee_namechecks", o.ee_namechecks, "true or false");
+	end
+	o.cache_ttl = module:get_option("dane_cache_ttl", 60);
+	if type(o.cache_ttl) ~= "number" or o.cache_ttl < 0 or o.cache_ttl > 86400 then
+		option_error("dane_cache_ttl", o.cache_ttl, "a number of seconds from 0 to 86400");
+	end
+	o.check_timeout = module:get_option("dane_check_timeout", 10);
+	if type(o.check_timeout) ~= "number" or o.check_timeout <= 0 or o.check_timeout > 300 then
+		option_error("dane_check_timeout", o.check_timeout, "a number of seconds from 0 to 300");
+	end
+	local v, err = engine.new({ cafile = o.cafile; ee_namechecks = o.ee_namechecks });
+	if not v then
+		option_error("dane_cafile", o.cafile, "a readable file of CA certificates (" .. tostring(err) .. ")");
+	end
+	if verifier then verifier:close(); end
+	options, verifier = o, v;
+end
+
+-- Without a trust anchor libunbound answers everything "insecure": DANE would never apply.
+local function check_resolver()
+	local ok_unbound = pcall(require, "lunbound");
+	if not ok_unbound then
+		return nil, "lua-unbound is not installed: no DNSSEC status, DANE cannot apply (apt install lua-unbound)";
+	end
+	local ub = configmanager.get("*", "unbound");
+	if type(ub) == "table" and type(ub.trusted) == "table" then
+		return nil, "the 'unbound' option's 'trusted' must be one string, not an array (lua-unbound 1.0 fails at the first lookup)";
+	end
+	local uo = type(ub) == "table" and type(ub.options) == "table" and ub.options or {};
+	if not (type(ub) == "table" and ub.trusted) and not (uo["trust-anchor-file:"] or uo["auto-trust-anchor-file:"]
+	or uo["trust-anchor:"] or uo["trusted-keys-file:"]) then
+		return nil, "no DNSSEC trust anchor in the 'unbound' option (trusted = \"<DS record>\", or "
+			.. "options = { [\"trust-anchor-file:\"] = \"/usr/share/dns/root.key\" }): every answer will be insecure and DANE will never apply";
+	end
+	return true;
+end
+
+read_options();
+do
+	local ok, err = check_resolver();
+	if not ok then
+		module:log("error", "DANE is inactive: %s", err);
+		module:set_status("error", err);
+	else
+		module:log("info", "DANE for s2s: default policy %s, %s%s", options.policy, engine.openssl_version(),
+			options.cafile and (", PKIX trust store " .. options.cafile) or ", no PKIX trust store");
+	end
+end
+
+module:hook_global("config-reloaded", function ()
+	local ok, err = pcall(read_options);
+	if not ok then module:log("error", "Keeping the previous DANE options: %s", err); end
+end);
+
+local function policy_for(domain)
+	return options.domains[domain:lower()] or options.policy;
+end
+
+-- Metrics -------------------------------------------------------------------------
+
+local m_outcome = module:metric("counter", "outcomes", "", "DANE outcomes of outgoing s2s connections", { "outcome" });
+local m_refused = module:metric("counter", "refused", "", "Outgoing s2s connections refused by DANE policy", { "reason" });
+local m_verify = module:metric("histogram", "verify_duration", "seconds", "Time to verify a peer chain against TLSA records", {},
+	{ buckets = { 0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05 } }):with_labels();
+local clock = require "util.time".now;
+
+-- Resolution (RFC 7673) --------------------------------------------------------------
+
+-- DNSSEC status of one answer from net.unbound (bogus data is already discarded there).
+local function dnssec_status(answer, err)
+	if not answer then return "error", tostring(err or "no answer"); end
+	if answer.bogus then return "bogus", tostring(answer.bogus); end
+	if answer.rcode and answer.rcode ~= 0 and answer.rcode ~= 3 then -- NoError, NXDomain
+		return "error", tostring(answer.status or ("rcode " .. answer.rcode));
+	end
+	if answer.secure then return "secure"; end
+	return "insecure";
+end
+
+-- lookup_all({ { qname, qtype }, ... }) -> { { answer, err }, ... }, in one of two ways:
+-- inside an async runner (routing, the admin shell) or blocking (prosodyctl).
+local function async_lookup_all(queries)
+	local resolver = require "net.adns".resolver();
+	local pending = {};
+	for i, q in ipairs(queries) do
+		pending[i] = promise.new(function (resolve)
+			local id, err = resolver:lookup(function (answer, lerr) resolve({ answer, lerr }); end, q[1], q[2], "IN");
+			if not id and err then resolve({ nil, err }); end
+		end);
+	end
+	local results = async.wait_for(promise.all(pending));
+	return results;
+end
+
+local function sync_lookup_all(queries)
+	local dns = require "net.unbound".dns;
+	local results = {};
+	for i, q in ipairs(queries) do
+		local answer, err = dns.lookup(q[1], q[2]);
+		results[i] = { answer, err };
+	end
+	return results;
+end
+
+-- What DNSSEC says about domain: outcome "dane" (some target has secure usable-looking
+-- TLSA), "insecure", "no-tlsa", or a refusal (bogus, resolution-error) with a reason.
+local function resolve(domain, lookup_all)
+	local state = { domain = domain; targets = {}; srv = nil };
+	local srv_name = "_xmpp-server._tcp." .. domain;
+	local srv = lookup_all({ { srv_name, "SRV" } })[1];
+	local status, why = dnssec_status(srv[1], srv[2]);
+	state.srv = status;
+	if status == "bogus" then
+		state.outcome, state.refuse = "bogus", ("SRV records of %s are bogus (DNSSEC validation failed: %s)"):format(domain, why);
+		return state;
+	elseif status == "error" then
+		state.outcome, state.refuse = "resolution-error", ("SRV lookup for %s failed (%s)"):format(srv_name, why);
+		return state;
+	elseif status == "insecure" then
+		state.outcome = "insecure";
+		return state;
+	end
+	local records = {};
+	for _, rr in ipairs(srv[1]) do
+		if rr.srv then records[#records + 1] = rr.srv; end
+	end
+	if #records == 1 and records[1].target == "." then
+		state.outcome = "no-tlsa";
+		state.note = "service explicitly unavailable (SRV target \".\")";
+		return state;
+	end
+	if #records == 0 then
+		-- secure denial of SRV: Prosody falls back to the domain itself on 5269
+		records = { { target = domain; port = 5269; priority = 0 } };
+	end
+	table.sort(records, function (a, b) return a.priority < b.priority; end);
+
+	local queries = {};
+	for _, rr in ipairs(records) do
+		local host = rr.target:gsub("%.$", ""):lower();
+		local t = { host = host; port = rr.port; addrs = {}; tlsa = {} };
+		state.targets[#state.targets + 1] = t;
+		queries[#queries + 1] = { host, "A" };
+		queries[#queries + 1] = { host, "AAAA" };
+		queries[#queries + 1] = { ("_%d._tcp.%s"):format(rr.port, host), "TLSA" };
+	end
+	local answers = lookup_all(queries);
+	local any_dane, any_insecure, usable, reasons = false, false, 0, {};
+	for i, t in ipairs(state.targets) do
+		local a, aaaa, tlsa = answers[3 * i - 2], answers[3 * i - 1], answers[3 * i];
+		local a_st, a_why = dnssec_status(a[1], a[2]);
+		local aaaa_st, aaaa_why = dnssec_status(aaaa[1], aaaa[2]);
+		local tlsa_st, tlsa_why = dnssec_status(tlsa[1], tlsa[2]);
+		for _, rr in ipairs(a[1] or {}) do if rr.a then t.addrs[rr.a] = true; end end
+		for _, rr in ipairs(aaaa[1] or {}) do if rr.aaaa then t.addrs[rr.aaaa] = true; end end
+		if a_st == "bogus" or aaaa_st == "bogus" then
+			t.status, t.why = "bogus-address", ("address records of %s are bogus (%s)"):format(t.host, a_st == "bogus" and a_why or aaaa_why);
+		elseif a_st == "error" and aaaa_st == "error" then
+			t.status, t.why = "error", ("address lookup for %s failed (%s)"):format(t.host, a_why);
+		elseif a_st ~= "secure" or aaaa_st ~= "secure" then
+			t.status = "insecure"; -- RFC 7673 3.2: no TLSA without secure addresses
+		elseif tlsa_st == "bogus" then
+			t.status, t.why = "bogus-tlsa", ("TLSA records of _%d._tcp.%s are bogus (%s)"):format(t.port, t.host, tlsa_why);
+		elseif tlsa_st == "error" then
+			t.status, t.why = "error", ("TLSA lookup for _%d._tcp.%s failed (%s)"):format(t.port, t.host, tlsa_why);
+		elseif tlsa_st == "secure" and #tlsa[1] > 0 then
+			t.status = "dane";
+			for _, rr in ipairs(tlsa[1]) do
+				local r = rr.tlsa;
+				if r and r.use and r.select and r.match then
+					t.tlsa[#t.tlsa + 1] = { usage = r.use; selector = r.select; mtype = r.match; data = r.data or "" };
+				end
+			end
+		else
+			t.status = tlsa_st == "secure" and "no-tlsa" or "insecure";
+		end
+		if t.why then
+			reasons[#reasons + 1] = t.why;
+		else
+			usable = usable + 1;
+			any_dane = any_dane or t.status == "dane";
+			any_insecure = any_insecure or t.status == "insecure";
+		end
+	end
+	if usable == 0 then
+		local bogus = false;
+		for _, t in ipairs(state.targets) do bogus = bogus or t.status:match("^bogus") ~= nil; end
+		state.outcome = bogus and "bogus" or "resolution-error";
+		state.refuse = ("no usable target for %s: %s"):format(domain, table.concat(reasons, "; "));
+	elseif any_dane then
+		state.outcome = "dane";
+	else
+		state.outcome = any_insecure and "insecure" or "no-tlsa";
+	end
+	return state;
+end
+
+-- Routing: resolve before mod_s2s connects ---------------------------------------------
+
+local cache = {};      -- domain -> { state, expires }
+local waiting = {};    -- domain -> { { host, event }, ... } while resolving
+local routing = {};    -- to_host -> { state, policy } for the s2sout-created that follows
+
+local function bounce(from_host, stanza, text)
+	local t = stanza.attr.type;
+	if t == "error" or t == "result" or not ({ message = true; presence = true; iq = true })[stanza.name] then
+		return;
+	end
+	local reply = st.error_reply(stanza, "cancel", "remote-server-not-found", "Server-to-server connection failed: DANE: " .. text);
+	module:context(from_host):send(reply);
+end
+
+local function refuse_route(event, state, reason, text)
+	m_refused:with_labels(reason):add(1);
+	module:log("warn", "DANE: not connecting to %s: %s", event.to_host, text);
+	bounce(event.from_host, event.stanza, text);
+	return true;
+end
+
+local function route_with(event, state, policy)
+	if state.refuse then
+		return refuse_route(event, state, state.outcome, state.refuse);
+	end
+	if policy == "required" and state.outcome ~= "dane" then
+		local why = state.outcome == "insecure" and "its DNS records are not DNSSEC-signed" or "it publishes no TLSA records";
+		return refuse_route(event, state, "required", ("DANE is required for %s but %s"):format(event.to_host, why));
+	end
+	routing[event.to_host] = { state = state; policy = policy };
+	return nil; -- on to mod_s2s, which creates the session (s2sout-created below)
+end
+
+local function resolved(domain, state)
+	cache[domain] = { state = state; expires = clock() + options.cache_ttl };
+	local queue = waiting[domain] or {};
+	waiting[domain] = nil;
+	if state.refuse then
+		m_outcome:with_labels(state.outcome):add(1);
+	end
+	for _, item in ipairs(queue) do
+		item.event.native_dane_state = state;
+		module:context(item.host):fire_event("route/remote", item.event);
+	end
+end
+
+local function start_resolution(domain)
+	local runner = async.runner(function (d)
+		resolved(d, resolve(d, async_lookup_all));
+	end, {
+		error = function (_, err)
+			module:log("error", "DANE resolution of %s failed: %s", domain, err);
+			resolved(domain, { domain = domain; targets = {}; outcome = "resolution-error";
+				refuse = ("internal error resolving %s"):format(domain) });
+		end;
+	});
+	runner:run(domain);
+end
+
+local function route_remote(event)
+	local to_host = event.to_host;
+	local policy = policy_for(to_host);
+	if policy == "off" then return nil; end
+	local state = event.native_dane_state;
+	if not state then
+		local c = cache[to_host];
+		if c and c.expires > clock() then state = c.state; end
+	end
+	if state then
+		event.native_dane_state = nil;
+		return route_with(event, state, policy);
+	end
+	local queue = waiting[to_host];
+	if not queue then
+		queue = {};
+		waiting[to_host] = queue;
+		queue[1] = { host = event.from_host; event = event };
+		start_resolution(to_host);
+	else
+		queue[#queue + 1] = { host = event.from_host; event = event };
+	end
+	return true;
+end
+
+-- Verification after TLS ----------------------------------------------------------------
+
+local function refuse_session(session, reason, text)
+	m_refused:with_labels(reason):add(1);
+	(session.log or module._log)("warn", "DANE: refusing s2s connection to %s: %s", session.to_host, text);
+	session:close({ condition = "policy-violation"; text = "DANE: " .. text }, nil, "DANE: " .. text);
+	return false;
+end
+
+local function peer_chain(session)
+	local sock = session.conn and session.conn:socket();
+	if not (sock and sock.getpeerchain) then return nil; end
+	local certs = sock:getpeerchain();
+	if not certs or #certs == 0 then return nil; end
+	local pems = {};
+	for i, c in ipairs(certs) do pems[i] = c:pem(); end
+	return pems, sock;
+end
+
+local function check_certificate(event)
+	local session = event.session;
+	if session.direction ~= "outgoing" then return; end
+	local dane = session.native_dane;
+	if not dane then return; end
+	local state, policy = dane.state, dane.policy;
+	if state.outcome ~= "dane" then
+		m_outcome:with_labels(state.outcome):add(1);
+		if policy == "required" then
+			return refuse_session(session, "required", "DANE is required but no TLSA records apply");
+		end
+		return;
+	end
+	local pems, sock = peer_chain(session);
+	local ip, port;
+	if sock and sock.getpeername then ip, port = sock:getpeername(); end
+	ip = ip or session.conn:ip();
+	-- the targets this connection reached (Prosody chose one of the SRV targets)
+	local records, base, names, skipped, nondane = {}, nil, { session.to_host }, nil, nil;
+	for _, t in ipairs(state.targets) do
+		if t.addrs[ip] and (not port or tonumber(port) == t.port) then
+			if t.why then
+				skipped = skipped or t.why;
+			elseif t.status == "dane" then
+				if base then names[#names + 1] = t.host; else base = t.host; end
+				for _, r in ipairs(t.tlsa) do records[#records + 1] = r; end
+			else
+				nondane = t.host;
+			end
+		end
+	end
+	if skipped and not base then
+		return refuse_session(session, "bogus", skipped);
+	end
+	if not base then
+		m_outcome:with_labels(nondane and "no-tlsa" or "insecure"):add(1);
+		if policy == "required" then
+			return refuse_session(session, "required", ("connected to %s, which has no DNSSEC-signed TLSA records"):format(nondane or ip));
+		end
+		session.log("debug", "DANE: %s is not among the targets with TLSA records, leaving it to PKIX", ip);
+		return;
+	end
+	dane.tls_required = true;
+	if not pems then
+		m_outcome:with_labels("mismatch"):add(1);
+		return refuse_session(session, "mismatch", "TLSA records are published but no certificate was presented");
+	end
+	local started = clock();
+	local res, err = verifier:verify(pems, records, { base = base; names = names });
+	m_verify:sample(clock() - started);
+	if not res then
+		m_outcome:with_labels("mismatch"):add(1);
+		return refuse_session(session, "mismatch", ("the certificate chain could not be read (%s)"):format(err));
+	end
+	if res.verdict == "verified" then
+		m_outcome:with_labels("verified"):add(1);
+		-- RFC 7673/7712: a DANE match on a secure SRV target authenticates the service domain
+		session.cert_chain_status = "valid";
+		session.cert_identity_status = "valid";
+		session.native_dane_verified = true;
+		session.log("info", "DANE: %s verified by TLSA %d %d %d at depth %d (target %s)", session.to_host,
+			res.usage, res.selector, res.mtype, res.depth, base);
+		return;
+	elseif res.verdict == "mismatch" then
+		m_outcome:with_labels("mismatch"):add(1);
+		return refuse_session(session, "mismatch", ("certificate of %s does not match its TLSA records (%s)"):format(base, res.error));
+	end
+	-- every record unusable: encrypted, not authenticated by DANE (RFC 7672 style)
+	m_outcome:with_labels("unusable-only"):add(1);
+	if policy == "required" then
+		return refuse_session(session, "unusable-only", ("every TLSA record of %s is unusable"):format(base));
+	end
+	session.log("warn", "DANE: every TLSA record of %s is unusable; continuing with PKIX", base);
+end
+
+module:hook("s2s-check-certificate", check_certificate, 500); -- after mod_s2s_auth_certs (509), before the policy (-1)
+
+function module.add_host(host_module)
+	host_module:hook("route/remote", route_remote, -5); -- after existing sessions (-1), before new ones (-10)
+	host_module:hook("s2sout-created", function (event)
+		local session = event.session;
+		local r = routing[session.to_host];
+		routing[session.to_host] = nil;
+		if r then session.native_dane = r; end
+	end);
+	-- TLSA published means TLS is mandatory (RFC 7673 3.4)
+	host_module:hook("s2s-authenticated", function (event)
+		local session = event.session;
+		local dane = session.native_dane;
+		if session.direction == "outgoing" and dane and dane.state.outcome == "dane" and not session.secure then
+			m_refused:with_labels("no-tls"):add(1);
+			session.log("warn", "DANE: %s publishes TLSA records but the stream is not encrypted", session.to_host);
+			session:close({ condition = "policy-violation"; text = "DANE: TLSA records are published, TLS is required" }, nil,
+				"DANE: TLSA records are published but the connection was not encrypted");
+			return false;
+		end
+	end, 10);
+end
+
+-- Operator check: SRV -> DNSSEC -> addresses -> TLSA -> STARTTLS -> each record's verdict
+
+local USAGES = { [0] = "PKIX-TA"; [1] = "PKIX-EE"; [2] = "DANE-TA"; [3] = "DANE-EE" };
+local SELECTORS = { [0] = "Cert"; [1] = "SPKI" };
+local MTYPES = { [0] = "Full"; [1] = "SHA2-256"; [2] = "SHA2-512" };
+
+local function record_text(r)
+	local data = hex.encode(r.data or "");
+	if #data > 64 then data = data:sub(1, 28) .. "..." .. data:sub(-28); end
+	return ("%d %d %d %s (%s %s %s)"):format(r.usage, r.selector, r.mtype, data, USAGES[r.usage] or "?",
+		SELECTORS[r.selector] or "?", MTYPES[r.mtype] or "?");
+end
+
+-- Blocking STARTTLS (xmpp-server) to addr:port for domain; returns the chain as PEM strings.
+local function probe(addr, port, domain, from, timeout)
+	local socket = require "socket";
+	local ssl = require "ssl";
+	local conn = addr:find(":", 1, true) and socket.tcp6() or socket.tcp();
+	conn:settimeout(timeout);
+	local ok, err = conn:connect(addr, port);
+	if not ok then conn:close(); return nil, "connect: " .. tostring(err); end
+	local buf = "";
+	local function read_until(pattern)
+		while not buf:find(pattern) do
+			local data, rerr, partial = conn:receive(1);
+			data = data or partial;
+			if not data or data == "" then return nil, rerr or "closed"; end
+			buf = buf .. data;
+			if #buf > 65536 then return nil, "too much data"; end
+		end
+		return true;
+	end
+	conn:send(("<?xml version='1.0'?><stream:stream xmlns='jabber:server' xmlns:stream='http://etherx.jabber.org/streams'"
+		.. " xmlns:db='jabber:server:dialback' to='%s'%s version='1.0'>"):format(domain, from and (" from='" .. from .. "'") or ""));
+	ok, err = read_until("</stream:features>");
+	if not ok then conn:close(); return nil, "no stream features: " .. tostring(err) .. " " .. buf:sub(-200); end
+	if not buf:find("urn:ietf:params:xml:ns:xmpp%-tls") then conn:close(); return nil, "the server does not offer STARTTLS"; end
+	conn:send("<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>");
+	buf = "";
+	ok, err = read_until("<proceed[^>]*>");
+	if not ok then conn:close(); return nil, "STARTTLS refused: " .. tostring(err) .. " " .. buf; end
+	local sconn, werr = ssl.wrap(conn, { mode = "client"; protocol = "any"; verify = "none"; options = { "all", "no_sslv2", "no_sslv3" } });
+	if not sconn then conn:close(); return nil, "TLS: " .. tostring(werr); end
+	sconn:sni(domain);
+	sconn:settimeout(timeout);
+	ok, err = sconn:dohandshake();
+	if not ok then sconn:close(); return nil, "TLS handshake: " .. tostring(err); end
+	local pems = {};
+	for i, c in ipairs(sconn:getpeerchain() or {}) do pems[i] = c:pem(); end
+	sconn:close();
+	return pems;
+end
+
+local function local_cert_suggestion(domain, say)
+	if not rawget(configmanager.getconfig(), domain) then return; end -- not one of ours
+	local ok, certmanager = pcall(require, "core.certmanager");
+	local cfg = ok and certmanager.find_host_cert(domain);
+	local file = cfg and cfg.certificate;
+	local ssl_opt = configmanager.get(domain, "ssl");
+	if not file and type(ssl_opt) == "table" then file = ssl_opt.certificate; end
+	if not file then return; end
+	local f = io.open(file);
+	if not f then return; end
+	local pem = f:read("a");
+	f:close();
+	local data = engine.digest(pem, 1, 1);
+	if data then
+		say(("  suggested TLSA for the local certificate of %s (%s): 3 1 1 %s"):format(domain, file, hex.encode(data)));
+	end
+end
+
+-- Runs the check, printing with say(); returns true when DANE (or its absence) is in order.
+local function check(domain, lookup_all, say)
+	domain = domain:lower();
+	local healthy, warnings = true, 0;
+	local function warn(fmt, ...) warnings = warnings + 1; say("  WARNING: " .. fmt:format(...)); end
+	local policy = policy_for(domain);
+	say(("DANE check for %s (local policy: %s)"):format(domain, policy));
+	local state = resolve(domain, lookup_all);
+	say(("  SRV _xmpp-server._tcp.%s: %s"):format(domain, state.srv));
+	if state.note then say("  " .. state.note); end
+	for _, t in ipairs(state.targets) do
+		local addrs = {};
+		for a in pairs(t.addrs) do addrs[#addrs + 1] = a; end
+		table.sort(addrs);
+		say(("  target %s:%d  addresses %s  -> %s%s"):format(t.host, t.port, #addrs > 0 and table.concat(addrs, " ") or "(none)",
+			t.status, t.why and (": " .. t.why) or ""));
+		local by_usage = {};
+		for i, r in ipairs(t.tlsa) do
+			say(("    TLSA #%d %s"):format(i, record_text(r)));
+			by_usage[r.usage] = (by_usage[r.usage] or 0) + 1;
+		end
+		if t.status == "dane" then
+			if (by_usage[3] or 0) == 1 and not by_usage[2] then
+				warn("only one DANE-EE record for %s and no DANE-TA: publish the next key's record before changing keys (rollover hazard)", t.host);
+			end
+			local chain, err;
+			for _, addr in ipairs(addrs) do
+				chain, err = probe(addr, t.port, domain, nil, options.check_timeout);
+				if chain then say(("    STARTTLS %s port %d: %d certificate(s)"):format(addr, t.port, #chain)); break; end
+				say(("    STARTTLS %s port %d failed: %s"):format(addr, t.port, err));
+			end
+			if not chain then
+				healthy = false;
+			else
+				local info = engine.certinfo(chain[1]);
+				if info then
+					say(("    leaf %s, issued by %s, expires %s"):format(info.subject, info.issuer, os.date("!%Y-%m-%d", info.not_after)));
+					if info.not_after < os.time() + 14 * 86400 then warn("the certificate of %s expires within 14 days", t.host); end
+				end
+				local all = verifier:verify(chain, t.tlsa, { base = t.host; names = { domain } });
+				for i, r in ipairs(t.tlsa) do
+					local one = verifier:verify(chain, { r }, { base = t.host; names = { domain } });
+					local text;
+					if not one then text = "error";
+					elseif one.verdict == "verified" then text = ("matches (depth %d)"):format(one.depth);
+					elseif one.verdict == "mismatch" then text = "does not match: " .. one.error;
+					else text = "unusable: " .. tostring(one.unusable[1]); end
+					say(("    TLSA #%d %s"):format(i, text));
+					if one and one.verdict == "mismatch" and one.x509_error == 65 then
+						warn("TLSA #%d of %s matches nothing the server presents (stale record, or a next key not yet deployed)", i, t.host);
+					end
+				end
+				if not all then
+					say("    verdict: cannot verify");
+					healthy = false;
+				else
+					say(("    verdict: %s%s"):format(all.verdict, all.error and (" (" .. all.error .. ")") or ""));
+					healthy = healthy and (all.verdict == "verified" or (all.verdict == "unusable-only" and policy ~= "required"));
+				end
+			end
+		end
+	end
+	local verdict;
+	if state.refuse then
+		verdict, healthy = "REFUSED: " .. state.refuse, false;
+	elseif state.outcome == "dane" then
+		verdict = healthy and "DANE verified" or "DANE FAILED";
+	else
+		verdict = ("no DANE (%s): PKIX applies"):format(state.outcome);
+		if policy == "required" then verdict, healthy = verdict .. ", but the local policy requires DANE", false; end
+	end
+	local_cert_suggestion(domain, say);
+	say(("Result for %s: %s%s"):format(domain, verdict, warnings > 0 and (" (%d warning%s)"):format(warnings, warnings > 1 and "s" or "") or ""));
+	return healthy;
+end
+
+function module.command(arg)
+	local cmd, domain = arg[1], arg[2];
+	if cmd ~= "check" or not domain then
+		print("usage: prosodyctl mod_native_dane check <domain>");
+		return 2;
+	end
+	local ok, err = check_resolver();
+	if not ok then print("WARNING: " .. err); end
+	return check(domain, sync_lookup_all, print) and 0 or 1;
+end
+
+-- Admin shell (0.12): dane:check(domain), dane:show() ------------------------------------
+
+local env = module:shared("/*/admin_shell/env");
+local shell = {};
+
+function shell:check(domain)
+	if type(domain) ~= "string" then return nil, "usage: dane:check(\"domain\")"; end
+	local print = self.session.print;
+	local ok = check(domain, async_lookup_all, print);
+	return ok, ok and "DANE check passed" or "DANE check found problems";
+end
+
+function shell:show()
+	local print = self.session.print;
+	local n = 0;
+	for domain, c in pairs(cache) do
+		n = n + 1;
+		print(("%s: %s%s (policy %s, cached %ds more)"):format(domain, c.state.outcome, c.state.refuse and (" - " .. c.state.refuse) or "",
+			policy_for(domain), math.max(0, math.floor(c.expires - clock()))));
+	end
+	return true, ("%d domain(s) in the DANE cache"):format(n);
+end
+
+env.dane = shell;
+function module.unload()
+	if env.dane == shell then env.dane = nil; end
+	if verifier then verifier:close(); end
+end

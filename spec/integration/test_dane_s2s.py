@@ -1,0 +1,303 @@
+"""mod_native_dane end to end: two real Prosody servers doing s2s through the local DNSSEC test bed.
+
+Sender A (`sender.dane.example`, s2s on 127.0.0.1) loads mod_native_dane; receiver B (s2s on 127.0.0.2) serves one
+VirtualHost per scenario, each with its own SRV target and TLSA records in the signed zone `dane.example` (or in the
+unsigned / bogus child zones). Both resolve through the validating unbound of the test bed and authenticate with
+dialback (B calls A back through the same DNS). Every scenario is an XMPP ping from A to the scenario's domain in A's
+admin shell: a pong means the connection was allowed, a bounce must carry the DANE reason; A's log must say why.
+"""
+
+import re
+
+import pytest
+
+import dnssec_testbed as tb
+import harness
+
+pytestmark = pytest.mark.skipif(bool(tb.tools_missing()), reason="DNSSEC test bed tools missing (make deps)")
+
+SENDER = "sender.dane.example"
+B_ADDR = "127.0.0.2"
+
+
+class S2SProsody(harness.ProsodyServer):
+    """A harness server with s2s enabled on a chosen address/port and extra VirtualHosts."""
+
+    def __init__(self, *, s2s_port, s2s_interface, vhosts, **kwargs):
+        self.s2s_port = s2s_port
+        self.s2s_interface = s2s_interface
+        self.vhosts = list(vhosts)
+        super().__init__(**kwargs)
+
+    def config_text(self):
+        saved = self.modules_disabled
+        self.modules_disabled = [m for m in saved if m != "s2s"]
+        try:
+            text = super().config_text()
+        finally:
+            self.modules_disabled = saved
+        extra = [f"s2s_ports = {{ {self.s2s_port} }}", f's2s_interfaces = {{ "{self.s2s_interface}" }}']
+        head, sep, rest = text.partition('\nVirtualHost "localhost"')
+        hosts = "".join(f'\nVirtualHost "{h}"\n' for h in self.vhosts)
+        return head + "\n" + "\n".join(extra) + "\n" + hosts + sep + rest
+
+
+def ping(server, domain, timeout=10, sender=SENDER):
+    res = server.prosodyctl("shell", f'xmpp:ping("{sender}", "{domain}", {timeout})', timeout=timeout + 20, check=False)
+    return res.stdout.decode(errors="replace") + res.stderr.decode(errors="replace")
+
+
+# scenario domain -> (records in the signed zone, expectation); filled by the fixture
+COMBOS = [(u, s, m) for u in range(4) for s in range(2) for m in range(3)]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    d = tmp_path_factory.mktemp("dane-s2s")
+    pki = tb.make_pki(d / "pki", ["*.dane.example", "dane.example", "*.insecure.dane.example"])
+    a_port, b_port = tb.free_port(), tb.free_port()
+    while b_port == a_port:
+        b_port = tb.free_port()
+    bed = tb.DNSSECTestbed(d / "dns")
+    a2_port = tb.free_port()
+    bed.add("_xmpp-server._tcp.sender", "SRV", f"0 0 {a_port} xmpp-sender.dane.example.")
+    bed.add("xmpp-sender", "A", "127.0.0.1")
+    bed.add("_xmpp-server._tcp.sender2", "SRV", f"0 0 {a2_port} xmpp-sender2.dane.example.")
+    bed.add("xmpp-sender2", "A", "127.0.0.1")
+    domains = []
+
+    def scenario(name, tlsa=(), bogus=(), srv=True):
+        target = f"t-{name}"
+        bed.add(f"_xmpp-server._tcp.{name}", "SRV", f"0 0 {b_port} {target}.dane.example.", bogus="srv" in bogus)
+        bed.add(target, "A", B_ADDR, bogus="a" in bogus)
+        for rec in tlsa:
+            bed.add(f"_{b_port}._tcp.{target}", "TLSA", rec, bogus="tlsa" in bogus)
+        domains.append(f"{name}.dane.example")
+
+    certs = {"leaf": pki["leaf"], "int": pki["int"]}
+    for u, s, m in COMBOS:
+        scenario(f"c{u}{s}{m}", [f"{u} {s} {m} {tb.tlsa_data(certs['leaf' if u in (1, 3) else 'int'], s, m)}"])
+    ee = tb.tlsa_data(pki["leaf"], 1, 1)
+    scenario("mismatch", [f"3 1 1 {tb.flip(ee)}"])
+    scenario("rollover", [f"3 1 1 {tb.flip(ee)}", f"3 1 1 {ee}"])
+    scenario("bogustlsa", [f"3 1 1 {ee}"], bogus=("tlsa",))
+    scenario("bogussrv", [f"3 1 1 {ee}"], bogus=("srv",))
+    bed.add("bogussrv", "A", B_ADDR)  # what 0.12's own resolver would fall back to
+    scenario("bogusaddr", [f"3 1 1 {ee}"], bogus=("a",))
+    scenario("notlsa")
+    scenario("required", [])
+    scenario("unusable", [f"4 1 1 {ee}"])
+    scenario("reloadreq")
+    scenario("afterreload", [f"3 1 1 {ee}"])
+    scenario("select-ee", [f"3 1 1 {ee}"])
+    scenario("select-mismatch", [f"3 1 1 {tb.flip(ee)}"])
+    scenario("requnusable", [f"4 1 1 {ee}"])
+    bed.add_insecure("_xmpp-server._tcp", "SRV", f"0 0 {b_port} xmpp.insecure.dane.example.")
+    bed.add_insecure("xmpp", "A", B_ADDR)
+    domains.append("insecure.dane.example")
+    bed.add_bogus_child("_xmpp-server._tcp", "SRV", f"0 0 {b_port} xmpp.bogus.dane.example.")
+    bed.add_bogus_child("xmpp", "A", B_ADDR)
+    domains.append("bogus.dane.example")
+    bed.start()
+
+    unbound = {"resolvconf": False, "hoststxt": False, "forward": bed.resolver, "trusted": bed.trust_anchor}
+    common = {"unbound": unbound, "ssl": {"certificate": pki["chain"], "key": pki["key"]},
+              "s2s_require_encryption": True, "s2s_secure_auth": False}
+    b = S2SProsody(name="dane-B", s2s_port=b_port, s2s_interface=B_ADDR, vhosts=domains,
+                   modules=["tls", "dialback"], global_options=common)
+    a_options = dict(common, statistics="internal", statistics_interval="manual", dane_cafile=pki["root"],
+                     dane_domain_policy={"required.dane.example": "required", "requnusable.dane.example": "required",
+                                         "insecure.dane.example": "opportunistic"})
+    a = S2SProsody(name="dane-A", s2s_port=a_port, s2s_interface="127.0.0.1", vhosts=[SENDER],
+                   modules=["tls", "dialback", "native_dane"], global_options=a_options)
+    # the same sender on server_select, started by the backend spec
+    a2 = S2SProsody(name="dane-A2", s2s_port=a2_port, s2s_interface="127.0.0.1", vhosts=["sender2.dane.example"],
+                    modules=["tls", "dialback", "native_dane"], global_options=dict(a_options, network_backend="select"))
+    try:
+        b.start()
+        a.start()
+        yield {"a": a, "a2": a2, "b": b, "bed": bed, "pki": pki}
+    finally:
+        for s in (a, a2, b):
+            s.stop()
+        bed.stop()
+        for s in (a, a2, b):
+            s.cleanup()
+
+
+def assert_pong(world, domain):
+    out = ping(world["a"], domain)
+    assert "pong from " + domain in out, f"{domain}: {out}"
+
+
+def assert_refused(world, domain, reason):
+    out = ping(world["a"], domain)
+    assert "pong" not in out, f"{domain} answered: {out}"
+    assert re.search(reason, out), f"{domain}: bounce lacks {reason!r}: {out}"
+    return out
+
+
+def test_test_bed_answers_as_designed(world):
+    bed = world["bed"]
+    assert bed.query("_xmpp-server._tcp.c311.dane.example", "SRV")[:2] == ("NOERROR", True)
+    assert bed.query("_xmpp-server._tcp.bogussrv.dane.example", "SRV")[0] == "SERVFAIL"
+    assert bed.query("t-bogusaddr.dane.example", "A")[0] == "SERVFAIL"
+    assert bed.query("_xmpp-server._tcp.insecure.dane.example", "SRV")[:2] == ("NOERROR", False)
+    assert bed.query("_xmpp-server._tcp.bogus.dane.example", "SRV")[0] == "SERVFAIL"
+
+
+@pytest.mark.parametrize("combo", COMBOS, ids=lambda c: "%d-%d-%d" % c)
+def test_each_usage_selector_matching_type_verifies(world, combo):
+    domain = "c%d%d%d.dane.example" % combo
+    assert_pong(world, domain)
+    log = world["a"].log_text()
+    assert re.search(r"DANE: %s verified by TLSA %d %d %d at depth \d" % ((re.escape(domain),) + combo), log), log[-3000:]
+
+
+def test_a_rollover_pair_verifies_on_the_good_record(world):
+    assert_pong(world, "rollover.dane.example")
+
+
+def test_mismatch_is_refused_with_a_dane_reason(world):
+    out = assert_refused(world, "mismatch.dane.example", r"DANE: certificate of t-mismatch\.dane\.example does not match")
+    assert "no matching DANE TLSA records" in out
+    assert re.search(r"DANE: refusing s2s connection to mismatch\.dane\.example", world["a"].log_text())
+
+
+def test_bogus_tlsa_is_refused_never_downgraded(world):
+    assert_refused(world, "bogustlsa.dane.example", r"DANE: no usable target .*TLSA records of .* are bogus")
+    assert re.search(r"DANE: not connecting to bogustlsa\.dane\.example", world["a"].log_text())
+
+
+def test_bogus_srv_is_refused_without_falling_back_to_the_domain(world):
+    assert_refused(world, "bogussrv.dane.example", r"DANE: SRV records of bogussrv\.dane\.example are bogus")
+    # no connection to the fallback address was attempted
+    assert not re.search(r"bogussrv\.dane\.example.*(Stream encrypted|connected)", world["a"].log_text())
+
+
+def test_bogus_address_and_bogus_delegation_are_refused(world):
+    assert_refused(world, "bogusaddr.dane.example", r"address records of t-bogusaddr\.dane\.example are bogus")
+    assert_refused(world, "bogus.dane.example", r"DANE: SRV records of bogus\.dane\.example are bogus")
+
+
+def test_no_tlsa_and_insecure_fall_back_to_pkix(world):
+    assert_pong(world, "notlsa.dane.example")
+    assert_pong(world, "insecure.dane.example")
+
+
+def test_required_without_tlsa_is_refused(world):
+    assert_refused(world, "required.dane.example", r"DANE is required for required\.dane\.example but it publishes no TLSA")
+
+
+def test_unusable_only_depends_on_policy(world):
+    assert_pong(world, "unusable.dane.example")
+    assert "every TLSA record of t-unusable.dane.example is unusable" in world["a"].log_text()
+    assert_refused(world, "requnusable.dane.example", r"every TLSA record of t-requnusable\.dane\.example is unusable")
+
+
+def test_metrics_count_each_outcome(world):
+    a = world["a"]
+    for domain in ("c311.dane.example", "mismatch.dane.example", "bogussrv.dane.example"):
+        ping(a, domain)
+    out = a.shell('stats:show("prosody_mod_native_dane")', check=False)
+    for outcome in ("verified", "mismatch", "bogus"):
+        assert re.search(r"outcome=%s\b" % outcome, out), out
+
+
+def test_works_on_server_select_too(world):
+    a2 = world["a2"]
+    a2.start()
+    assert "epoll" not in a2.shell_result("require'net.server'.get_backend()")
+    assert "epoll" in world["a"].shell_result("require'net.server'.get_backend()")
+    out = ping(a2, "select-ee.dane.example", sender="sender2.dane.example")
+    assert "pong from select-ee.dane.example" in out, out
+    assert "DANE: select-ee.dane.example verified by TLSA 3 1 1 at depth 0" in a2.log_text()
+    out = ping(a2, "select-mismatch.dane.example", sender="sender2.dane.example")
+    assert "pong" not in out and "does not match its TLSA records" in out, out
+
+
+def test_policies_and_verification_survive_a_config_reload(world):
+    a = world["a"]
+    a.global_options["dane_domain_policy"] = dict(a.global_options["dane_domain_policy"],
+                                                  **{"reloadreq.dane.example": "required"})
+    a.write_config()
+    a.shell("config:reload()")
+    out = ping(a, "reloadreq.dane.example")
+    assert "pong" not in out and "DANE is required for reloadreq.dane.example" in out, out
+    assert_pong(world, "afterreload.dane.example")
+    assert "DANE: afterreload.dane.example verified by TLSA 3 1 1" in a.log_text()
+
+
+def test_a_bad_option_is_refused_with_its_name(prosody_factory):
+    srv = prosody_factory(name="dane-badopt", global_options={"dane_policy": "sometimes"})
+    out = srv.shell('module:load("native_dane")', check=False)
+    assert "option 'dane_policy' must be one of \"off\", \"opportunistic\", \"required\", not \"sometimes\"" in out, out
+    srv = prosody_factory(name="dane-badopt2", global_options={"dane_domain_policy": {"x.example": "maybe"}})
+    out = srv.shell('module:load("native_dane")', check=False)
+    assert "option 'dane_domain_policy[\"x.example\"]' must be one of" in out, out
+    srv = prosody_factory(name="dane-badopt3", global_options={"dane_cafile": "/nonexistent/ca.pem"})
+    out = srv.shell('module:load("native_dane")', check=False)
+    assert "option 'dane_cafile' must be a readable file of CA certificates" in out, out
+
+
+def test_a_missing_trust_anchor_is_said_loudly(prosody_factory):
+    srv = prosody_factory(name="dane-noanchor")
+    srv.shell('module:load("native_dane")')
+    assert re.search(r"mod_native_dane\s+error\s+DANE is inactive: no DNSSEC trust anchor", srv.log_text()), srv.log_text()[-2000:]
+
+
+def dane_check(server, domain):
+    res = server.prosodyctl("mod_native_dane", "check", domain, timeout=60, check=False)
+    return res.returncode, res.stdout.decode(errors="replace") + res.stderr.decode(errors="replace")
+
+
+def test_check_command_walks_srv_tlsa_starttls_and_each_record(world):
+    rc, out = dane_check(world["a"], "c311.dane.example")
+    assert rc == 0, out
+    assert "SRV _xmpp-server._tcp.c311.dane.example: secure" in out, out
+    assert re.search(r"target t-c311\.dane\.example:\d+  addresses 127\.0\.0\.2  -> dane", out), out
+    assert re.search(r"TLSA #1 3 1 1 [0-9a-f]{64} \(DANE-EE SPKI SHA2-256\)", out), out
+    assert re.search(r"STARTTLS 127\.0\.0\.2 port \d+: 2 certificate\(s\)", out), out
+    assert "TLSA #1 matches (depth 0)" in out, out
+    assert "verdict: verified" in out, out
+    assert "WARNING: only one DANE-EE record for t-c311.dane.example" in out, out
+    assert "Result for c311.dane.example: DANE verified (1 warning)" in out, out
+
+
+def test_check_command_flags_stale_records_and_failures(world):
+    rc, out = dane_check(world["a"], "rollover.dane.example")
+    assert rc == 0, out
+    # DNS does not keep the order of the two records: one matches, the other is flagged
+    assert len(re.findall(r"TLSA #[12] does not match: no matching DANE TLSA records", out)) == 1, out
+    assert len(re.findall(r"WARNING: TLSA #[12] of t-rollover\.dane\.example matches nothing the server presents", out)) == 1, out
+    assert len(re.findall(r"TLSA #[12] matches \(depth 0\)", out)) == 1, out
+    assert "only one DANE-EE" not in out, out
+    rc, out = dane_check(world["a"], "mismatch.dane.example")
+    assert rc == 1, out
+    assert "Result for mismatch.dane.example: DANE FAILED" in out, out
+    rc, out = dane_check(world["a"], "bogussrv.dane.example")
+    assert rc == 1, out
+    assert "SRV _xmpp-server._tcp.bogussrv.dane.example: bogus" in out, out
+    assert "REFUSED: SRV records of bogussrv.dane.example are bogus" in out, out
+    rc, out = dane_check(world["a"], "bogustlsa.dane.example")
+    assert rc == 1 and "-> bogus-tlsa: TLSA records of" in out, out
+    rc, out = dane_check(world["a"], "insecure.dane.example")
+    assert rc == 0 and "Result for insecure.dane.example: no DANE (insecure): PKIX applies" in out, out
+    rc, out = dane_check(world["a"], "required.dane.example")
+    assert rc == 1 and "but the local policy requires DANE" in out, out
+
+
+def test_check_command_suggests_a_record_for_the_local_certificate(world):
+    rc, out = dane_check(world["a"], SENDER)
+    expected = tb.tlsa_data(world["pki"]["leaf"], 1, 1)
+    assert f"suggested TLSA for the local certificate of {SENDER}" in out and f"3 1 1 {expected}" in out, out
+    rc, out = dane_check(world["a"], "notlsa.dane.example")  # not served here: nothing to suggest
+    assert "suggested TLSA" not in out, out
+
+
+def test_check_from_the_admin_shell(world):
+    out = world["a"].shell('dane:check("c311.dane.example")', timeout=60, check=False)
+    assert "TLSA #1 matches (depth 0)" in out and "OK: DANE check passed" in out, out
+    out = world["a"].shell("dane:show()", check=False)
+    assert re.search(r"mismatch\.dane\.example: dane \(policy opportunistic", out), out
+    assert re.search(r"bogussrv\.dane\.example: bogus - SRV records", out), out
