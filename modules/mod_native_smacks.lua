@@ -187,10 +187,20 @@ function queue_methods:resume()
 		if list[i] then return i, list[i]; end
 	end;
 end
+-- Stanza objects handed to event handlers are kept per h while queued, so a handler that
+-- marks them (mod_cloud_notify's _push_notify) sees its mark again in the next event.
 function queue_methods:table()
-	local t = {};
-	for _, bytes, kind, _, stamp in self.q:items() do
-		t[#t+1] = rebuild(self.session, bytes, kind, stamp);
+	local t, q = {}, self.q;
+	local cache, seen = self.cache or {}, {};
+	self.cache = cache;
+	for i = 1, q:count() do
+		local bytes, kind, _, stamp, h = q:get(i);
+		local stanza = cache[h] or rebuild(self.session, bytes, kind, stamp);
+		cache[h], seen[h] = stanza, true;
+		t[#t+1] = stanza;
+	end
+	for h in pairs(cache) do
+		if not seen[h] then cache[h] = nil; end
 	end
 	return t;
 end
