@@ -58,6 +58,10 @@ local function read_options()
 	if type(o.ee_namechecks) ~= "boolean" then
 		option_error("dane_ee_namechecks", o.ee_namechecks, "true or false");
 	end
+	o.incoming = module:get_option("dane_incoming", false);
+	if type(o.incoming) ~= "boolean" then
+		option_error("dane_incoming", o.incoming, "true or false");
+	end
 	o.cache_ttl = module:get_option("dane_cache_ttl", 60);
 	if type(o.cache_ttl) ~= "number" or o.cache_ttl < 0 or o.cache_ttl > 86400 then
 		option_error("dane_cache_ttl", o.cache_ttl, "a number of seconds from 0 to 86400");
@@ -65,6 +69,10 @@ local function read_options()
 	o.check_timeout = module:get_option("dane_check_timeout", 10);
 	if type(o.check_timeout) ~= "number" or o.check_timeout <= 0 or o.check_timeout > 300 then
 		option_error("dane_check_timeout", o.check_timeout, "a number of seconds from 0 to 300");
+	end
+	o.rrsig_warn_days = module:get_option("dane_check_rrsig_warn", 7);
+	if type(o.rrsig_warn_days) ~= "number" or o.rrsig_warn_days < 0 or o.rrsig_warn_days > 365 then
+		option_error("dane_check_rrsig_warn", o.rrsig_warn_days, "a number of days from 0 to 365");
 	end
 	local v, err = engine.new({ cafile = o.cafile; ee_namechecks = o.ee_namechecks });
 	if not v then
@@ -117,6 +125,7 @@ end
 -- Metrics -------------------------------------------------------------------------
 
 local m_outcome = module:metric("counter", "outcomes", "", "DANE outcomes of outgoing s2s connections", { "outcome" });
+local m_incoming = module:metric("counter", "incoming_outcomes", "", "DANE outcomes of incoming s2s connections", { "outcome" });
 local m_refused = module:metric("counter", "refused", "", "Outgoing s2s connections refused by DANE policy", { "reason" });
 local m_verify = module:metric("histogram", "verify_duration", "seconds", "Time to verify a peer chain against TLSA records", {},
 	{ buckets = { 0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05 } }):with_labels();
@@ -357,8 +366,69 @@ local function peer_chain(session)
 	return pems, sock;
 end
 
+-- Incoming (optional): the remote server's own domain's SRV targets' TLSA records.
+-- The stream is handled in an async runner, so the lookups wait without blocking.
+local function check_incoming(session, host)
+	local policy = policy_for(host);
+	if policy == "off" then return; end
+	if not async.ready() then
+		session.log("debug", "DANE: cannot resolve %s outside an async runner", host);
+		return;
+	end
+	local c = cache[host];
+	local state = c and c.expires > clock() and c.state;
+	if not state then
+		state = resolve(host, async_lookup_all);
+		cache[host] = { state = state; expires = clock() + options.cache_ttl };
+	end
+	if state.outcome ~= "dane" then
+		m_incoming:with_labels(state.outcome):add(1);
+		if policy == "required" then
+			m_refused:with_labels("incoming-" .. state.outcome):add(1);
+			session.log("warn", "DANE: refusing incoming s2s from %s: DANE is required (%s)", host, state.refuse or state.outcome);
+			session:close({ condition = "policy-violation"; text = "DANE is required for " .. host });
+			return false;
+		end
+		return;
+	end
+	local records, base, names = {}, nil, { host };
+	for _, t in ipairs(state.targets) do
+		if t.status == "dane" then
+			if base then names[#names + 1] = t.host; else base = t.host; end
+			for _, r in ipairs(t.tlsa) do records[#records + 1] = r; end
+		end
+	end
+	local pems = peer_chain(session);
+	local res = pems and verifier:verify(pems, records, { base = base; names = names });
+	local verdict = res and res.verdict or "mismatch";
+	m_incoming:with_labels(verdict):add(1);
+	if verdict == "verified" then
+		session.cert_chain_status = "valid";
+		session.cert_identity_status = "valid";
+		session.native_dane_verified = true;
+		session.log("info", "DANE: incoming %s verified by TLSA %d %d %d at depth %d", host, res.usage, res.selector, res.mtype, res.depth);
+		return;
+	end
+	local why = not pems and "no client certificate" or res and res.error or "unusable TLSA records only";
+	session.log("warn", "DANE: incoming %s not authenticated by its TLSA records: %s", host, why);
+	if verdict == "mismatch" then
+		session.cert_chain_status = "invalid";
+	end
+	if policy == "required" then
+		m_refused:with_labels("incoming-" .. verdict):add(1);
+		session:close({ condition = "not-authorized"; text = "DANE: your certificate does not match your TLSA records" });
+		return false;
+	end
+end
+
 local function check_certificate(event)
 	local session = event.session;
+	if session.direction == "incoming" then
+		if options.incoming and event.host then
+			return check_incoming(session, event.host);
+		end
+		return;
+	end
 	if session.direction ~= "outgoing" then return; end
 	local dane = session.native_dane;
 	if not dane then return; end
@@ -549,6 +619,21 @@ local function check(domain, lookup_all, say)
 			by_usage[r.usage] = (by_usage[r.usage] or 0) + 1;
 		end
 		if t.status == "dane" then
+			-- when the TLSA signatures run out (RRSIG expiration, RFC 4034 3.1.5)
+			local tlsa_name = ("_%d._tcp.%s"):format(t.port, t.host);
+			local sigs = lookup_all({ { tlsa_name, "RRSIG" } })[1][1];
+			for _, rr in ipairs(sigs or {}) do
+				local raw = rr.rrsig and rr.rrsig.raw;
+				if raw and #raw >= 18 then
+					local covered, _, _, _, expires = string.unpack(">I2BBI4I4", raw);
+					if covered == 52 then
+						say(("    TLSA signature expires %s"):format(os.date("!%Y-%m-%d %H:%M", expires)));
+						if expires - os.time() < options.rrsig_warn_days * 86400 then
+							warn("the signature of the TLSA records of %s expires within %g days: re-sign the zone", t.host, options.rrsig_warn_days);
+						end
+					end
+				end
+			end
 			if (by_usage[3] or 0) == 1 and not by_usage[2] then
 				warn("only one DANE-EE record for %s and no DANE-TA: publish the next key's record before changing keys (rollover hazard)", t.host);
 			end

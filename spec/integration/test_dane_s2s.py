@@ -62,6 +62,7 @@ def world(tmp_path_factory):
     a2_port = tb.free_port()
     bed.add("_xmpp-server._tcp.sender", "SRV", f"0 0 {a_port} xmpp-sender.dane.example.")
     bed.add("xmpp-sender", "A", "127.0.0.1")
+    bed.add(f"_{a_port}._tcp.xmpp-sender", "TLSA", f"3 1 1 {tb.tlsa_data(pki['leaf'], 1, 1)}")
     bed.add("_xmpp-server._tcp.sender2", "SRV", f"0 0 {a2_port} xmpp-sender2.dane.example.")
     bed.add("xmpp-sender2", "A", "127.0.0.1")
     domains = []
@@ -103,8 +104,10 @@ def world(tmp_path_factory):
     unbound = {"resolvconf": False, "hoststxt": False, "forward": bed.resolver, "trusted": bed.trust_anchor}
     common = {"unbound": unbound, "ssl": {"certificate": pki["chain"], "key": pki["key"]},
               "s2s_require_encryption": True, "s2s_secure_auth": False}
+    # B authenticates A by A's own TLSA records (incoming DANE), which lets A use SASL EXTERNAL
     b = S2SProsody(name="dane-B", s2s_port=b_port, s2s_interface=B_ADDR, vhosts=domains,
-                   modules=["tls", "dialback"], global_options=common)
+                   modules=["tls", "dialback", "native_dane"],
+                   global_options=dict(common, dane_incoming=True, dane_cafile=False))
     a_options = dict(common, statistics="internal", statistics_interval="manual", dane_cafile=pki["root"],
                      dane_domain_policy={"required.dane.example": "required", "requnusable.dane.example": "required",
                                          "insecure.dane.example": "opportunistic"})
@@ -301,3 +304,27 @@ def test_check_from_the_admin_shell(world):
     out = world["a"].shell("dane:show()", check=False)
     assert re.search(r"mismatch\.dane\.example: dane \(policy opportunistic", out), out
     assert re.search(r"bogussrv\.dane\.example: bogus - SRV records", out), out
+
+
+def test_incoming_dane_authenticates_the_sender_for_sasl_external(world):
+    assert_pong(world, "c312.dane.example")
+    b_log = world["b"].log_text()
+    assert re.search(r"DANE: incoming sender\.dane\.example verified by TLSA 3 1 1 at depth 0", b_log), b_log[-3000:]
+    assert "Accepting SASL EXTERNAL identity from sender.dane.example" in b_log
+    assert re.search(r"SASL EXTERNAL with c312\.dane\.example succeeded", world["a"].log_text())
+
+
+def test_check_command_warns_before_tlsa_signatures_expire(world):
+    a = world["a"]
+    rc, out = dane_check(a, "c301.dane.example")
+    assert rc == 0 and re.search(r"TLSA signature expires \d{4}-\d\d-\d\d", out), out
+    assert "re-sign the zone" not in out, out
+    # the test bed signs for 30 days: a 40-day horizon must warn
+    a.global_options["dane_check_rrsig_warn"] = 40
+    a.write_config()
+    try:
+        rc, out = dane_check(a, "c301.dane.example")
+    finally:
+        del a.global_options["dane_check_rrsig_warn"]
+        a.write_config()
+    assert "WARNING: the signature of the TLSA records of t-c301.dane.example expires within 40 days" in out, out
