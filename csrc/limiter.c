@@ -7,7 +7,7 @@
  * is 120). Two tables, both allocated once at creation and never grown:
  *
  *  - the rate table: GCRA state (theoretical arrival time) per (rule, prefix),
- *    32 bytes per entry in 4-way sets chosen by a seeded SipHash-1-3. A miss takes
+ *    32 bytes per entry in 4-way sets chosen by a keyed multiply-mix hash. A miss takes
  *    an empty way, else an idle one (bucket full again: nothing to remember), else
  *    the stalest, longest prefix first -- so per-address state fails open under a
  *    flood while the prefix and global entries, touched on every check, stay.
@@ -253,44 +253,37 @@ static int lim_parse_rate(const char *s, size_t len, double *rate, double *burst
 
 /* ---------------------------------------------------------------- hashing */
 
-#define ROTL(x, b) (uint64_t)(((x) << (b)) | ((x) >> (64 - (b))))
-#define SIPROUND do { \
-		v0 += v1; v1 = ROTL(v1, 13); v1 ^= v0; v0 = ROTL(v0, 32); \
-		v2 += v3; v3 = ROTL(v3, 16); v3 ^= v2; \
-		v0 += v3; v3 = ROTL(v3, 21); v3 ^= v0; \
-		v2 += v1; v1 = ROTL(v1, 17); v1 ^= v2; v2 = ROTL(v2, 32); \
-	} while(0)
+/* A keyed 64-bit mix (two folded 64x64->128 multiplications, as wyhash does) of the
+ * masked address and the (prefix, rule) word. Attackers choose IPv6 low bits, so
+ * the set an address lands in must depend on a secret: the seeds are random per
+ * table unless a test fixes them. */
+__extension__ typedef unsigned __int128 pn_u128;
 
-/* SipHash-1-3 of three 64-bit words: attackers choose IPv6 low bits, so the set an
- * address lands in must not be predictable. */
-static uint64_t siphash3(uint64_t k0, uint64_t k1, uint64_t a, uint64_t b, uint64_t c) {
-	uint64_t v0 = k0 ^ 0x736f6d6570736575ULL, v1 = k1 ^ 0x646f72616e646f6dULL;
-	uint64_t v2 = k0 ^ 0x6c7967656e657261ULL, v3 = k1 ^ 0x7465646279746573ULL;
-	uint64_t m[4];
-	int i;
-	m[0] = a;
-	m[1] = b;
-	m[2] = c;
-	m[3] = (uint64_t)24 << 56;
-	for(i = 0; i < 4; i++) {
-		v3 ^= m[i];
-		SIPROUND;
-		v0 ^= m[i];
-	}
-	v2 ^= 0xff;
-	SIPROUND;
-	SIPROUND;
-	SIPROUND;
-	return v0 ^ v1 ^ v2 ^ v3;
+static uint64_t mum(uint64_t a, uint64_t b) {
+	pn_u128 r = (pn_u128)a * b;
+	return (uint64_t)r ^ (uint64_t)(r >> 64);
 }
 
+static uint64_t keyed_hash(uint64_t k0, uint64_t k1, uint64_t a, uint64_t b, uint64_t c) {
+	uint64_t h = mum(a ^ k0 ^ 0xa0761d6478bd642fULL, b ^ k1 ^ 0xe7037ed1a0b428dbULL);
+	return mum(h ^ c ^ 0x8ebc6af09c88c6e3ULL, k0 ^ k1 ^ 0x589965cc75374cc3ULL);
+}
+
+/* The key as two big-endian 64-bit words, so prefixes are masks of high bits. */
 static void key_words(const unsigned char k[16], uint64_t *hi, uint64_t *lo) {
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+	memcpy(hi, k, 8);
+	memcpy(lo, k + 8, 8);
+	*hi = __builtin_bswap64(*hi);
+	*lo = __builtin_bswap64(*lo);
+#else
 	int i;
 	*hi = *lo = 0;
 	for(i = 0; i < 8; i++) {
 		*hi = (*hi << 8) | k[i];
 		*lo = (*lo << 8) | k[i + 8];
 	}
+#endif
 }
 
 static void words_key(uint64_t hi, uint64_t lo, unsigned char k[16]) {
@@ -317,7 +310,7 @@ static void mask_words(uint64_t *hi, uint64_t *lo, int plen) {
 typedef struct {
 	uint64_t hi, lo;  /* masked address */
 	int64_t tat;      /* GCRA theoretical arrival time, µs on the table clock */
-	uint32_t last;    /* second of the last charge on the table clock */
+	uint32_t last;    /* time of the last charge, in units of 2^20 µs (about 1 s) */
 	uint8_t plen, rule, used, pad;
 } rate_entry;
 
@@ -391,11 +384,11 @@ static int64_t now_us(limiter *l) {
 }
 
 static size_t rate_set(limiter *l, uint64_t hi, uint64_t lo, int plen, int rule) {
-	return (size_t)siphash3(l->seed0, l->seed1, hi, lo, (uint64_t)plen | (uint64_t)rule << 8) & (l->rate_sets - 1);
+	return (size_t)keyed_hash(l->seed0, l->seed1, hi, lo, (uint64_t)plen | (uint64_t)rule << 8) & (l->rate_sets - 1);
 }
 
 static size_t off_set(limiter *l, uint64_t hi, uint64_t lo, int plen) {
-	return (size_t)siphash3(l->seed1, l->seed0, hi, lo, (uint64_t)plen | (uint64_t)0xff << 8) & (l->off_sets - 1);
+	return (size_t)keyed_hash(l->seed1, l->seed0, hi, lo, (uint64_t)plen | (uint64_t)0xff << 8) & (l->off_sets - 1);
 }
 
 static rate_entry *rate_find(limiter *l, uint64_t hi, uint64_t lo, int plen, int rule) {
@@ -573,7 +566,7 @@ static int do_check(limiter *l, int rule, const unsigned char key[16], double co
 		mask_words(&h, &w, d->plen);
 		held[i] = rate_find(l, h, w, d->plen, rule);
 		tat = held[i] && held[i]->tat > now ? held[i]->tat : now;
-		newtat[i] = tat + (int64_t)(cost * (double)d->interval);
+		newtat[i] = tat + (cost == 1 ? d->interval : (int64_t)(cost * (double)d->interval));
 		excess = newtat[i] - now - d->capacity;
 		if(excess > worst) {
 			worst = excess;
@@ -598,7 +591,7 @@ static int do_check(limiter *l, int rule, const unsigned char key[16], double co
 				continue;
 		}
 		held[i]->tat = newtat[i];
-		held[i]->last = (uint32_t)(now / 1000000);
+		held[i]->last = (uint32_t)(now >> 20);
 	}
 	return 1;
 }
