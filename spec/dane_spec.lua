@@ -419,6 +419,31 @@ describe("prosody_native.dane", function ()
 			assert.equal("bad-cafile", code);
 		end);
 
+		it("keeps parsed certificates for the next verification of the same encodings", function ()
+			local v <close> = assert(dane.new({ cache_size = 2 }));
+			local res = assert(v:verify({ pem.leaf, pem.int }, good, opts()));
+			assert.equal("verified", res.verdict);
+			assert.same({ cache_size = 2, cached = 2, cache_hits = 0, cache_misses = 2 }, v:stats());
+			assert.equal("verified", v:verify({ pem.leaf, pem.int }, good, opts()).verdict);
+			assert.same({ cache_size = 2, cached = 2, cache_hits = 2, cache_misses = 2 }, v:stats());
+			-- a third encoding evicts the least recently used one; verdicts stay the same
+			assert.equal("mismatch", v:verify({ pem.other }, good, opts()).verdict);
+			assert.equal("verified", v:verify({ pem.leaf, pem.int }, good, opts()).verdict);
+			-- LRU: "other" evicted the leaf, the leaf then evicted the issuer, the issuer "other"
+			assert.same({ cache_size = 2, cached = 2, cache_hits = 2, cache_misses = 5 }, v:stats());
+			-- broken input is never cached, and says the same every time
+			for _ = 1, 2 do
+				local r, err, code = v:verify({ "garbage" }, good, opts());
+				assert.is_nil(r);
+				assert.equal("bad-chain", code);
+			end
+			assert.equal(2, v:stats().cached);
+			local nocache <close> = assert(dane.new({ cache_size = 0 }));
+			nocache:verify({ pem.leaf, pem.int }, good, opts());
+			assert.same({ cache_size = 0, cached = 0, cache_hits = 0, cache_misses = 0 }, nocache:stats());
+			assert.has_error(function () dane.new({ cache_size = -1 }); end, "option 'cache_size' must be from 0 to 4096");
+		end);
+
 		it("closes once, and refuses use after close", function ()
 			local v = assert(dane.new());
 			assert.matches("open", tostring(v));
