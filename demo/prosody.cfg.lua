@@ -22,10 +22,15 @@ c2s_require_encryption = false;
 allow_unencrypted_plain_auth = true;
 
 modules_enabled = {
-	"roster"; "saslauth"; "disco"; "ping"; "carbons"; "mam"; "smacks"; "offline";
+	"roster"; "saslauth"; "disco"; "ping"; "carbons"; "mam"; "offline";
+	"native_smacks"; -- stream management on the native queue, in place of core mod_smacks
 	"websocket"; "bosh"; "admin_shell";
+	"http_openmetrics"; -- /metrics, for 127.0.0.1 only
 };
-modules_disabled = { "s2s" };
+modules_disabled = { "s2s"; "smacks" };
+
+statistics = "internal";
+statistics_interval = "manual"; -- collected when /metrics is read
 
 default_storage = "internal";
 storage = { archive = "native"; muc_log = "native"; offline = "native" };

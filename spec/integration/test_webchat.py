@@ -201,6 +201,7 @@ def test_demo_prints_urls_data_and_log_locations(demo):
     assert f"{demo.base}/chat/#myroom@conference.localhost" in out
     assert f"ws://127.0.0.1:{demo.http_port}/xmpp-websocket" in out
     assert f"{demo.base}/http-bind" in out
+    assert f"{demo.base}/metrics" in out
     assert f"127.0.0.1:{demo.c2s_port}" in out
     assert f"Data:  {demo.state}/data" in out
     assert f"Log:   {demo.state}/prosody.log" in out
@@ -285,6 +286,11 @@ def test_two_visitors_land_in_support_and_exchange_messages(demo, exchanged):
     assert len(re.findall(r"Authenticated as \S+@anon\.localhost", demo.log())) >= 2
     for token in exchanged["tokens"]:
         assert archived_in_support(demo, token) == 1, f"{token} is not in the room's archive"
+    # converse.js enabled stream management, served by mod_native_smacks (core mod_smacks is disabled).
+    enabled = re.findall(r"Sending\[c2s\]: (<enabled [^>]*>)", demo.log())
+    assert any("xmlns='urn:xmpp:sm:3'" in tag and "resume='true'" in tag for tag in enabled), enabled
+    _, _, body = http_get(demo.base + "/metrics")
+    assert "prosody_mod_native_smacks__" in body.decode() and "prosody_mod_smacks__" not in body.decode()
 
 
 def archived_in_support(demo, text):
@@ -338,6 +344,15 @@ def test_a_flooding_visitor_is_slowed_then_refused_by_the_limits(demo):
     assert 1 <= archived <= result["sent"] - 30, f"{archived} of {result['sent']} flood messages archived"
     assert re.search(r"conference\.localhost:native_limits\tinfo\tBanned 127\.0\.0\.1 for \d+s", demo.log())
     assert (SHOTS / "10-flood-banned-on-rejoin.png").stat().st_size > 0
+    # What an operator watches: the same story in the OpenMetrics endpoint the demo prints.
+    status, _, body = http_get(demo.base + "/metrics")
+    assert status == 200
+    metrics = body.decode()
+    refused = re.search(r'^prosody_mod_native_limits__decisions_total\{host="conference\.localhost",rule="muc_messages",'
+                        r'action="refuse",mode="enforce"\} (\d+)', metrics, re.M)
+    assert refused and int(refused.group(1)) >= 30, metrics[-3000:]
+    bans = re.search(r'^prosody_mod_native_limits__bans\{host="conference\.localhost"\} (\d+)', metrics, re.M)
+    assert bans and int(bans.group(1)) >= 1
 
 
 # -- the converse.js download --------------------------------------------------------------------------------------
