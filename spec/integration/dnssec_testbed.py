@@ -76,6 +76,7 @@ class DNSSECTestbed:
         self.records = []        # (owner relative to ZONE, type, rdata, bogus)
         self.insecure = []       # records of insecure.dane.example (owner relative to it)
         self.bogus_child = []    # records of bogus.dane.example
+        self.dead = []           # child zones whose server refuses to answer (resolution errors)
         self.nsd_port = None
         self.port = None
         self.procs = []
@@ -91,6 +92,11 @@ class DNSSECTestbed:
 
     def add_bogus_child(self, owner, rtype, rdata):
         self.bogus_child.append((owner, rtype, rdata))
+
+    def add_dead_child(self, label):
+        """`label.dane.example` is delegated (insecurely) to a server that has no data for it (nsd without its
+        zone file answers SERVFAIL): a resolution error that is not a DNSSEC failure."""
+        self.dead.append(label)
 
     @property
     def resolver(self):
@@ -157,6 +163,8 @@ class DNSSECTestbed:
         parent_records.append(("ns", "A", "127.0.0.1", False))
         parent_records.append(("insecure", "NS", f"ns.{ZONE}", False))
         parent_records.append(("bogus", "NS", f"ns.{ZONE}", False))
+        for label in self.dead:
+            parent_records.append((label, "NS", f"ns.{ZONE}", False))
         # the parent vouches for a key the child does not use: bogus delegation
         ds = self._ds(unused_ksk).split()
         parent_records.append(("bogus", "DS", " ".join(ds[3:]), False))
@@ -204,7 +212,10 @@ zone:
 zone:
     name: "{insecure}"
     zonefile: "{d}/insecure.zone"
-""")
+""" + "".join(f"""zone:
+    name: "{label}.{ZONE}"
+    zonefile: "{d}/{label}.missing.zone"
+""" for label in self.dead))
         run([NSD, "-c", str(d / "nsd.conf"), "-v"], check=False)
         self._spawn([NSD, "-c", str(d / "nsd.conf"), "-d"], "nsd")
 
@@ -240,7 +251,10 @@ stub-zone:
 stub-zone:
     name: "{insecure}"
     stub-addr: 127.0.0.1@{self.nsd_port}
-""")
+""" + "".join(f"""stub-zone:
+    name: "{label}.{ZONE}"
+    stub-addr: 127.0.0.1@{self.nsd_port}
+""" for label in self.dead))
         self._spawn([UNBOUND, "-d", "-c", str(d / "unbound.conf")], "unbound")
 
         deadline = time.monotonic() + timeout

@@ -42,6 +42,13 @@ class S2SProsody(harness.ProsodyServer):
         return head + "\n" + "\n".join(extra) + "\n" + hosts + sep + rest
 
 
+def scrape(server):
+    """The server's metrics in OpenMetrics text (mod_http_openmetrics)."""
+    import urllib.request
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.http_port}/metrics", timeout=10) as r:
+        return r.read().decode()
+
+
 def ping(server, domain, timeout=10, sender=SENDER):
     res = server.prosodyctl("shell", f'xmpp:ping("{sender}", "{domain}", {timeout})', timeout=timeout + 20, check=False)
     return res.stdout.decode(errors="replace") + res.stderr.decode(errors="replace")
@@ -96,6 +103,11 @@ def world(tmp_path_factory):
     bed.add_insecure("_xmpp-server._tcp", "SRV", f"0 0 {b_port} xmpp.insecure.dane.example.")
     bed.add_insecure("xmpp", "A", B_ADDR)
     domains.append("insecure.dane.example")
+    b2_port = tb.free_port()
+    bed.add("_xmpp-server._tcp.notls", "SRV", f"0 0 {b2_port} t-notls.dane.example.")
+    bed.add("t-notls", "A", B_ADDR)
+    bed.add(f"_{b2_port}._tcp.t-notls", "TLSA", f"3 1 1 {ee}")
+    bed.add_dead_child("dead")
     bed.add_bogus_child("_xmpp-server._tcp", "SRV", f"0 0 {b_port} xmpp.bogus.dane.example.")
     bed.add_bogus_child("xmpp", "A", B_ADDR)
     domains.append("bogus.dane.example")
@@ -106,25 +118,30 @@ def world(tmp_path_factory):
               "s2s_require_encryption": True, "s2s_secure_auth": False}
     # B authenticates A by A's own TLSA records (incoming DANE), which lets A use SASL EXTERNAL
     b = S2SProsody(name="dane-B", s2s_port=b_port, s2s_interface=B_ADDR, vhosts=domains,
-                   modules=["tls", "dialback", "native_dane"],
-                   global_options=dict(common, dane_incoming=True, dane_cafile=False))
-    a_options = dict(common, statistics="internal", statistics_interval="manual", dane_cafile=pki["root"],
+                   modules=["tls", "dialback", "native_dane", "http_openmetrics"],
+                   global_options=dict(common, dane_incoming=True, dane_cafile=False, statistics="internal",
+                                       statistics_interval="manual"))
+    # B2 offers no TLS at all: A must not talk to a domain with TLSA records in the clear
+    b2 = S2SProsody(name="dane-B2", s2s_port=b2_port, s2s_interface=B_ADDR, vhosts=["notls.dane.example"],
+                    modules=["dialback"], global_options=dict(common, s2s_require_encryption=False))
+    a_options = dict(common, s2s_require_encryption=False, statistics="internal", statistics_interval="manual", dane_cafile=pki["root"],
                      dane_domain_policy={"required.dane.example": "required", "requnusable.dane.example": "required",
                                          "insecure.dane.example": "opportunistic"})
     a = S2SProsody(name="dane-A", s2s_port=a_port, s2s_interface="127.0.0.1", vhosts=[SENDER],
-                   modules=["tls", "dialback", "native_dane"], global_options=a_options)
+                   modules=["tls", "dialback", "native_dane", "http_openmetrics"], global_options=a_options)
     # the same sender on server_select, started by the backend spec
     a2 = S2SProsody(name="dane-A2", s2s_port=a2_port, s2s_interface="127.0.0.1", vhosts=["sender2.dane.example"],
                     modules=["tls", "dialback", "native_dane"], global_options=dict(a_options, network_backend="select"))
     try:
         b.start()
+        b2.start()
         a.start()
-        yield {"a": a, "a2": a2, "b": b, "bed": bed, "pki": pki}
+        yield {"a": a, "a2": a2, "b": b, "b2": b2, "bed": bed, "pki": pki}
     finally:
-        for s in (a, a2, b):
+        for s in (a, a2, b, b2):
             s.stop()
         bed.stop()
-        for s in (a, a2, b):
+        for s in (a, a2, b, b2):
             s.cleanup()
 
 
@@ -196,15 +213,6 @@ def test_unusable_only_depends_on_policy(world):
     assert_pong(world, "unusable.dane.example")
     assert "every TLSA record of t-unusable.dane.example is unusable" in world["a"].log_text()
     assert_refused(world, "requnusable.dane.example", r"every TLSA record of t-requnusable\.dane\.example is unusable")
-
-
-def test_metrics_count_each_outcome(world):
-    a = world["a"]
-    for domain in ("c311.dane.example", "mismatch.dane.example", "bogussrv.dane.example"):
-        ping(a, domain)
-    out = a.shell('stats:show("prosody_mod_native_dane")', check=False)
-    for outcome in ("verified", "mismatch", "bogus"):
-        assert re.search(r"outcome=%s\b" % outcome, out), out
 
 
 def test_works_on_server_select_too(world):
@@ -328,3 +336,27 @@ def test_check_command_warns_before_tlsa_signatures_expire(world):
         del a.global_options["dane_check_rrsig_warn"]
         a.write_config()
     assert "WARNING: the signature of the TLSA records of t-c301.dane.example expires within 40 days" in out, out
+
+
+def test_resolution_errors_are_refused_not_ignored(world):
+    assert_refused(world, "dead.dane.example", r"DANE: SRV lookup for _xmpp-server\._tcp\.dead\.dane\.example failed")
+
+
+def test_tlsa_without_tls_is_refused(world):
+    out = assert_refused(world, "notls.dane.example", r"DANE: TLSA records are published but the connection was not encrypted")
+    assert "DANE: notls.dane.example publishes TLSA records but the stream is not encrypted" in world["a"].log_text()
+    del out
+
+
+def test_metrics_count_each_outcome(world):
+    # runs last: by now every scenario above has been through A (and A through B's incoming check)
+    out = scrape(world["a"])
+    for outcome in ("verified", "mismatch", "bogus", "insecure", "no-tlsa", "unusable-only", "resolution-error"):
+        assert re.search(r'^prosody_mod_native_dane__outcomes_total\{outcome="%s"\} [1-9]' % outcome, out, re.M), (outcome, out)
+    # 24 usage/selector/matching-type combinations, rollover, afterreload, incoming, check-free pings
+    assert int(re.search(r'^prosody_mod_native_dane__outcomes_total\{outcome="verified"\} (\d+)', out, re.M).group(1)) >= 24
+    for reason in ("mismatch", "bogus", "required", "unusable-only", "resolution-error", "no-tls"):
+        assert re.search(r'^prosody_mod_native_dane__refused_total\{reason="%s"\} [1-9]' % reason, out, re.M), (reason, out)
+    assert re.search(r"^prosody_mod_native_dane__verify_duration_seconds_count [1-9]", out, re.M), out
+    out = scrape(world["b"])
+    assert re.search(r'^prosody_mod_native_dane__incoming_outcomes_total\{outcome="verified"\} [1-9]', out, re.M), out
