@@ -170,6 +170,27 @@ local function read_config()
 	c.exempt_loopback = boolean_option("native_limits_exempt_loopback", true);
 	c.exempt = cidr_list_option("native_limits_exempt", {});
 	c.strict = cidr_list_option("native_limits_strict", {});
+	local strict_file = module:get_option("native_limits_strict_file");
+	if strict_file ~= nil then
+		if type(strict_file) ~= "string" then option_error("native_limits_strict_file", strict_file, "a file name"); end
+		local path = require "util.paths".resolve_relative_path(prosody.paths.config, strict_file);
+		local f, err = io.open(path);
+		if not f then option_error("native_limits_strict_file", strict_file, "a readable file (" .. tostring(err) .. ")"); end
+		local n = 0;
+		for line in f:lines() do
+			n = n + 1;
+			local text = line:gsub("#.*", ""):match("^%s*(.-)%s*$");
+			if text ~= "" then
+				local key, bits = engine.prefix(text);
+				if not key then
+					f:close();
+					option_error("native_limits_strict_file", ("%s line %d: %s"):format(path, n, text), "a file of IP addresses or CIDR prefixes");
+				end
+				c.strict[#c.strict+1] = { bits = bits; text = engine.format(key, bits) };
+			end
+		end
+		f:close();
+	end
 	c.strict_factor = number_option("native_limits_strict_factor", 0.25, 0.001, 1);
 	c.staff = module:get_option_set("native_limits_staff", {});
 	c.max_delay = duration_option("native_limits_max_delay", 2, 0, 60);
@@ -202,6 +223,12 @@ local function read_config()
 			stanzas = levels_option("native_limits_stanzas", { address = "50/s burst 200" });
 		};
 		c.session_stanzas = rate_option("native_limits_session_stanzas", "10/s burst 30");
+		c.session_kinds = {
+			message = rate_option("native_limits_session_messages", false);
+			presence = rate_option("native_limits_session_presences", false);
+			iq = rate_option("native_limits_session_iqs", false);
+		};
+		c.unsolicited = rate_option("native_limits_unsolicited", "10/min burst 5");
 		c.max_sessions = counts_option("native_limits_max_sessions", {
 			address = 25; ["ipv6/64"] = 25; ["ipv6/48"] = 100; ["ipv4/24"] = 100;
 		});
@@ -581,6 +608,18 @@ if not is_component then
 			ok, wait = b:take(1, config.max_delay);
 			rule = "session_stanzas";
 		end
+		local kind_rate = config.session_kinds[stanza.name];
+		if ok and kind_rate then
+			local buckets = s.kind_buckets;
+			if not buckets then buckets = {}; s.kind_buckets = buckets; end
+			local b = buckets[stanza.name];
+			if not b then
+				b = lim:bucket(kind_rate.rate, kind_rate.burst);
+				buckets[stanza.name] = b;
+			end
+			local ok2, wait2 = b:take(1, config.max_delay);
+			if not ok2 or wait2 > wait then ok, wait, rule = ok2, wait2, "session_" .. stanza.name; end
+		end
 		local r = rule_for(s, "stanzas");
 		if ok and r then
 			local ok2, wait2 = lim:check(r, s.key, 1, config.max_delay);
@@ -601,6 +640,36 @@ if not is_component then
 		refuse_stanza(session, stanza, "You are sending too fast; slow down");
 		return true;
 	end, 100);
+
+	-- Messages to JIDs that are neither rooms the session joined (directed presence) nor staff.
+	local function unsolicited(event)
+		local session, stanza = event.origin, event.stanza;
+		if not config.unsolicited then return; end
+		local t = stanza.attr.type;
+		if t == "error" or t == "groupchat" then return; end
+		local s = session_state(session);
+		if not s then return; end
+		local to = jid_bare(stanza.attr.to or "");
+		if not to or to == "" or config.staff:contains(to) then return; end
+		if session.directed then
+			for full in pairs(session.directed) do
+				if jid_bare(full) == to then return; end
+			end
+		end
+		local b = s.unsolicited_bucket;
+		if not b then
+			b = lim:bucket(config.unsolicited.rate, config.unsolicited.burst);
+			s.unsolicited_bucket = b;
+		end
+		if b:take() then return; end
+		count("unsolicited", "refuse");
+		if config.dry_run then return; end
+		session.send(st.error_reply(stanza, "wait", "policy-violation",
+			"Too many messages to people you have not talked to; slow down", host));
+		return true;
+	end
+	module:hook("pre-message/bare", unsolicited, 100);
+	module:hook("pre-message/full", unsolicited, 100);
 end
 
 -- ---------------------------------------------------------------- the MUC component

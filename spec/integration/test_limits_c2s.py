@@ -6,9 +6,9 @@ day or per ten minutes, and the specs advance the limiter clock to show refills,
 
 import re
 
-import pytest
 
-from test_limits_helpers import Anon, advance, all_decisions, decisions, expect_stream_error, limits_server, metrics
+from test_limits_helpers import (MUC_HOST, Anon, advance, all_decisions, decisions, expect_stream_error, limits_server,
+                                 metrics)
 
 OFF = {"address": False, "ipv6/64": False, "ipv6/48": False, "ipv4/24": False, "global": False}
 
@@ -296,3 +296,78 @@ def test_bans_survive_a_module_reload_and_config_reload_applies_new_limits(proso
     assert c.open()[0] == "ok"
     c.close()
     assert "Limits reloaded" in srv.log_text()
+
+
+def test_unsolicited_messages_staff_and_joined_rooms(prosody_factory):
+    srv = limits_server(prosody_factory, host_options={
+        "native_limits_unsolicited": "1/10min burst 2",
+        "native_limits_staff": ["helpdesk@localhost"],
+    })
+    c = Anon(srv)
+    assert c.login()[0] == "ok"
+
+    def send(to, n, mtype="chat"):
+        c.send(f"<message to='{to}' type='{mtype}' id='u{n}'><body>hi</body></message>")
+
+    def limited(n):
+        # the refusal is an error reply with our text; anything else (the server's own answer or none) is not ours
+        c.send(f"<iq type='get' id='sync{n}' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>")
+        text = c.read_until(r"<iq[^>]*id=['\"]sync%d['\"][^>]*(?:/>|>.*?</iq>)" % n)
+        return "Too many messages to people you have not talked to" in text
+
+    # a joined room (directed presence) and listed staff are not strangers
+    c.send(f"<presence to='room@{MUC_HOST}/me'><x xmlns='http://jabber.org/protocol/muc'/></presence>")
+    for i in range(4):
+        send(f"room@{MUC_HOST}", i)
+        send("helpdesk@localhost", 10 + i)
+    assert not limited(1)
+    send("stranger@localhost", 20)
+    send("stranger@localhost", 21)
+    assert not limited(2)
+    send("other-stranger@localhost/res", 22)
+    assert limited(3)
+    assert decisions(srv, "unsolicited", "refuse") == 1
+    c.close()
+
+
+def test_per_kind_session_budgets(prosody_factory):
+    srv = limits_server(prosody_factory, host_options={
+        "native_limits_session_stanzas": False,
+        "native_limits_stanzas": False,
+        "native_limits_session_presences": "1/10min burst 2",
+        "native_limits_max_delay": 0,
+    })
+    c = Anon(srv)
+    assert c.login()[0] == "ok"
+    c.send("<presence/><presence><status>2</status></presence><presence id='p3'><status>3</status></presence>")
+    text = c.read_until(r"<presence[^>]*type=['\"]error['\"].*?</presence>")
+    assert "id='p3'" in text and "<policy-violation" in text and "You are sending too fast" in text, text
+    for i in range(5):  # iq has its own (unlimited) budget
+        reply = c.iq(f"q{i}", f"<iq type='get' id='q{i}' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>")
+        assert "type='result'" in reply
+    assert decisions(srv, "session_presence", "refuse") == 1
+    c.close()
+
+
+def test_strict_profile_from_a_cidr_file(prosody_factory, tmp_path):
+    listed = tmp_path / "tor-exits.txt"
+    listed.write_text("# listed networks\n192.0.2.0/24\n127.0.0.0/8   # this test's clients\n\n2001:db8::/32\n")
+    srv = limits_server(prosody_factory, host_options={
+        "native_limits_strict_file": str(listed),
+        "native_limits_logins": only(address="4/10min"),
+        "native_limits_connections": False,
+        "native_limits_max_delay": 0,
+    })
+    c = Anon(srv)
+    assert c.login()[0] == "ok"
+    c.close()
+    c = Anon(srv)
+    c.open()
+    kind, text = c.auth()
+    assert kind == "failure" and "Too many logins" in text, text  # a quarter of the budget: burst 1
+    c.close()
+    bad = tmp_path / "bad.txt"
+    bad.write_text("10.0.0.0/8\nnot-a-prefix\n")
+    srv2 = limits_server(prosody_factory, host_options={"native_limits_strict_file": str(bad)})
+    assert "option 'native_limits_strict_file' must be a file of IP addresses or CIDR prefixes" in srv2.log_text()
+    assert "bad.txt line 2: not-a-prefix" in srv2.log_text()

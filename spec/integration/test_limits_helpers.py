@@ -150,7 +150,7 @@ class WebSocketXMPP:
     def __init__(self, srv, xff=None, timeout=10.0):
         self.sock = socket.create_connection(("127.0.0.1", srv.http_port), timeout=timeout)
         key = base64.b64encode(os.urandom(16)).decode()
-        headers = [f"GET /xmpp-websocket HTTP/1.1", f"Host: {ANON_HOST}", "Upgrade: websocket", "Connection: Upgrade",
+        headers = ["GET /xmpp-websocket HTTP/1.1", f"Host: {ANON_HOST}", "Upgrade: websocket", "Connection: Upgrade",
                    f"Sec-WebSocket-Key: {key}", "Sec-WebSocket-Version: 13", "Sec-WebSocket-Protocol: xmpp"]
         if xff:
             headers.append(f"X-Forwarded-For: {xff}")
