@@ -5,7 +5,7 @@ day or per ten minutes, and the specs advance the limiter clock to show refills,
 """
 
 import re
-
+import time
 
 from test_limits_helpers import (MUC_HOST, Anon, advance, all_decisions, decisions, expect_stream_error, limits_server,
                                  metrics)
@@ -130,7 +130,12 @@ def test_dry_run_counts_and_never_enforces(prosody_factory):
     assert not [k for k in d if k[2] == "enforce"], d
     for c in clients:
         c.close()
-    assert "[dry run]" in srv.log_text()
+    # one summary line per interval (1 s here), not one per event
+    deadline = time.monotonic() + 15
+    while "[dry run] Last 1s: " not in srv.log_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    summary = [line for line in srv.log_text().splitlines() if "[dry run] Last 1s: " in line]
+    assert summary and "logins refuse: 3" in summary[0] and "top offender 127.0.0.1" in summary[0], summary
 
 
 def test_loopback_is_exempt_by_default(prosody_factory):
@@ -371,3 +376,27 @@ def test_strict_profile_from_a_cidr_file(prosody_factory, tmp_path):
     srv2 = limits_server(prosody_factory, host_options={"native_limits_strict_file": str(bad)})
     assert "option 'native_limits_strict_file' must be a file of IP addresses or CIDR prefixes" in srv2.log_text()
     assert "bad.txt line 2: not-a-prefix" in srv2.log_text()
+
+
+def test_hibernated_sessions_count_towards_concurrency(prosody_factory):
+    srv = limits_server(prosody_factory, host_options={
+        "native_limits_max_sessions": only(address=1),
+        "smacks_hibernation_time": 600,
+    })
+    a = Anon(srv)
+    assert a.login()[0] == "ok"
+    a.send("<enable xmlns='urn:xmpp:sm:3' resume='true'/>")
+    a.read_until(r"<enabled[^>]*/?>")
+    a.sock.close()  # the connection drops without a goodbye: the session hibernates, still bound
+    probe = ("(function() for _, s in pairs(prosody.full_sessions) do "
+             "if s.hibernating and not s.conn then return 'hibernating' end end return 'none' end)()")
+    deadline = time.monotonic() + 15
+    while srv.shell_result(probe) != "hibernating":
+        assert time.monotonic() < deadline, "the session never hibernated"
+        time.sleep(0.1)
+    b = Anon(srv)
+    assert b.open()[0] == "ok" and b.auth()[0] == "success"
+    kind, text = b.bind()
+    assert kind == "error" and "<resource-constraint" in text, text
+    b.close()
+    assert decisions(srv, "max_sessions", "refuse") == 1
