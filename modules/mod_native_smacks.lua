@@ -88,10 +88,8 @@ local old_session_ttl = number_option("smacks_old_sessions_ttl", DAY, 1, 365 * D
 local max_hibernated = number_option("smacks_max_hibernated_sessions", 10, 1, 10000, true);
 local storage_retries = number_option("smacks_offline_retries", 3, 0, 100, true);
 local initial_h = number_option("smacks_debug_initial_h", 0, 0, H_MOD - 1, true);
--- Checked for compatibility with mod_smacks configurations; server-to-server stream
--- management is not implemented by this module yet (s2s streams run without it).
-boolean_option("smacks_enabled_s2s", true);
-boolean_option("smacks_s2s_resend", false);
+local s2s_smacks = boolean_option("smacks_enabled_s2s", true);
+local s2s_resend = boolean_option("smacks_s2s_resend", false);
 
 -- ---------------------------------------------------------------- metrics
 
@@ -108,7 +106,8 @@ local m_memory = module:metric("gauge", "queue_memory", "bytes", "Memory held by
 local m_hibernating = module:metric("gauge", "hibernating_sessions", "", "Sessions hibernating on this host", {}):with_labels();
 
 local outcome_counters = {};
-for _, o in ipairs({ "ephemeral", "iq_error", "elsewhere", "archived", "redirected", "offline", "handled", "bounced", "unreadable" }) do
+for _, o in ipairs({ "ephemeral", "iq_error", "elsewhere", "archived", "redirected", "offline", "handled", "bounced",
+	"resent", "unreadable" }) do
 	outcome_counters[o] = m_outcome:with_labels(o);
 end
 local function session_event(name) return m_sessions:with_labels(name); end
@@ -508,6 +507,50 @@ local function discard_queue(session, reason)
 	policy_runner:run({ who = snapshot(session); items = items; reason = reason; release = true });
 end
 
+-- s2s stream gone with stanzas unacknowledged: re-route them (smacks_s2s_resend) or return
+-- an error to their senders, as mod_smacks does; errors and results are never answered.
+local function s2s_dispose(session, bytes, kind, stamp, reason)
+	local who = { log = session.log; host = session.from_host or session.to_host };
+	local stanza = rebuild(who, bytes, kind, stamp);
+	local outcome;
+	if not stanza then
+		outcome = "unreadable";
+	elseif s2s_resend then
+		module:send(stanza);
+		outcome = "resent";
+	elseif stanza.attr.type == "error" or stanza.attr.type == "result" then
+		outcome = "ephemeral";
+	elseif module:fire_event("delivery/failure", { session = session; stanza = stanza }) then
+		outcome = "handled";
+	else
+		module:send(st.error_reply(stanza, "cancel", "recipient-unavailable"));
+		outcome = "bounced";
+	end
+	outcome_counters[outcome]:add(1);
+	module:fire_event("smacks-redirect", { origin = session; stanza = stanza; outcome = outcome; reason = reason });
+end
+
+local function handle_s2s_destroyed(event)
+	local session = event.session;
+	local queue = session.outgoing_stanza_queue;
+	if not queue then return; end
+	session.outgoing_stanza_queue = nil;
+	session.smacks = false;
+	local n = 0;
+	while true do
+		local bytes, kind, _, stamp = queue.q:shift();
+		if not bytes then break; end
+		n = n + 1;
+		s2s_dispose(session, bytes, kind, stamp, "s2s");
+	end
+	queue.q:close();
+	if n > 0 then
+		session.log("warn", "s2s stream destroyed with %d unacked stanzas (%s)", n, s2s_resend and "re-routed" or "bounced");
+	end
+end
+module:hook("s2sout-destroyed", handle_s2s_destroyed);
+module:hook("s2sin-destroyed", handle_s2s_destroyed);
+
 -- ---------------------------------------------------------------- outgoing stanzas
 
 local function is_stanza(stanza)
@@ -522,7 +565,11 @@ local function queue_push(session, bytes, stanza)
 	if ev_bytes then
 		m_evicted:add(1);
 		session.log("warn", "Stream management queue full (%d), handing the oldest unacked stanza to the expiry policy", queue_size);
-		policy_runner:run({ who = snapshot(session); items = { { ev_bytes, ev_kind, ev_flags, ev_stamp } }; reason = "overflow" });
+		if session.username then
+			policy_runner:run({ who = snapshot(session); items = { { ev_bytes, ev_kind, ev_flags, ev_stamp } }; reason = "overflow" });
+		else
+			s2s_dispose(session, ev_bytes, ev_kind, ev_stamp, "overflow");
+		end
 	end
 	return h;
 end
@@ -571,16 +618,28 @@ local function count_incoming(stanza, session)
 	return stanza;
 end
 
-local function wrap_session(session, resume)
+-- Queue what goes out (and count it); on s2s only the sending side does this.
+local function wrap_session_out(session, resume)
 	if not resume then
 		session.outgoing_stanza_queue = new_queue(session);
-		session.handled_stanza_count = initial_h;
-		sm_user_add(session.username, 1);
-		ev_started:add(1);
+		if session.username then sm_user_add(session.username, 1); end
 	end
 	filters.add_filter(session, "stanzas/out", outgoing_stanza_filter, -999);
 	filters.add_filter(session, "bytes/out", outgoing_bytes_filter, 1000);
+end
+
+-- Count what comes in (for <a h/>).
+local function wrap_session_in(session, resume)
+	if not resume then
+		session.handled_stanza_count = initial_h;
+		ev_started:add(1);
+	end
 	filters.add_filter(session, "stanzas/in", count_incoming, 999);
+end
+
+local function wrap_session(session, resume)
+	wrap_session_out(session, resume);
+	wrap_session_in(session, resume);
 	return session;
 end
 
@@ -650,13 +709,14 @@ local function request_ack_if_needed(session, force, reason)
 	end
 end
 
-for event_name, force in pairs({ ["csi-client-active"] = true; ["csi-flushing"] = false; ["c2s-pre-ondrain"] = false }) do
+for event_name, force in pairs({ ["csi-client-active"] = true; ["csi-flushing"] = false; ["c2s-pre-ondrain"] = false;
+	["s2s-pre-ondrain"] = false }) do
 	module:hook(event_name, function (event)
 		request_ack_if_needed(event.session or event.origin, force, event_name);
 	end);
 end
 
-module:hook("c2s-read-timeout", function (event)
+local function handle_read_timeout(event)
 	local session = event.session;
 	if session.smacks then
 		if session.awaiting_ack then
@@ -666,12 +726,17 @@ module:hook("c2s-read-timeout", function (event)
 		request_ack_if_needed(session, true, "read timeout");
 		return true;
 	end
-end);
+end
+module:hook("c2s-read-timeout", handle_read_timeout);
+module:hook("s2s-read-timeout", handle_read_timeout);
 
 -- ---------------------------------------------------------------- enable
 
 local function can_do_smacks(session, advertise_only)
 	if session.smacks then return false, "unexpected-request", "Stream management is already enabled"; end
+	if s2s_smacks and (session.type == "s2sin" or session.type == "s2sout") then
+		return true;
+	end
 	if not session.username or not (session.type == "c2s" or session.type == "c2s_unbound") then
 		return false, "not-authorized", "Stream management is available after authentication only";
 	end
@@ -681,12 +746,14 @@ local function can_do_smacks(session, advertise_only)
 	return true;
 end
 
-module:hook("stream-features", function (event)
+local function advertise(event)
 	if can_do_smacks(event.origin, true) then
 		event.features:tag("sm", { xmlns = xmlns_sm2 }):tag("optional"):up():up();
 		event.features:tag("sm", { xmlns = xmlns_sm3 }):tag("optional"):up():up();
 	end
-end);
+end
+module:hook("stream-features", advertise);
+module:hook("s2s-stream-features", advertise);
 
 local function failed(session, xmlns_sm, condition, h, extra)
 	local f = st.stanza("failed", { xmlns = xmlns_sm; h = format_h(h) }):tag(condition, { xmlns = xmlns_errors }):up();
@@ -727,12 +794,12 @@ local function handle_enable(session, stanza, xmlns_sm)
 		session.log("warn", "Failed to enable stream management: %s", text);
 		return failed(session, xmlns_sm, condition);
 	end
-	prune_old_sessions(session.username);
+	if session.username then prune_old_sessions(session.username); end
 	session.smacks = xmlns_sm;
 	wrap_session(session, false);
 	local resume = stanza.attr.resume;
 	local token, max;
-	if resume == "true" or resume == "1" then
+	if (resume == "true" or resume == "1") and session.username then -- no resumption on s2s
 		repeat
 			token = new_token();
 		until not session_registry[jid_join(session.username, host, token)];
@@ -748,6 +815,34 @@ local function handle_enable(session, stanza, xmlns_sm)
 end
 module:hook_tag(xmlns_sm2, "enable", function (session, stanza) return handle_enable(session, stanza, xmlns_sm2); end, 100);
 module:hook_tag(xmlns_sm3, "enable", function (session, stanza) return handle_enable(session, stanza, xmlns_sm3); end, 100);
+
+-- s2s, sending side: enable when the remote offered it on an authenticated stream (after the
+-- send queue of the connection attempt was flushed: those were never counted), as mod_smacks does.
+module:hook_tag("http://etherx.jabber.org/streams", "features", function (session, stanza)
+	timer.add_task(1e-6, function ()
+		if session.type ~= "s2sout" or not can_do_smacks(session) then return; end
+		local xmlns_sm;
+		if stanza:get_child("sm", xmlns_sm3) then
+			xmlns_sm = xmlns_sm3;
+		elseif stanza:get_child("sm", xmlns_sm2) then
+			xmlns_sm = xmlns_sm2;
+		else
+			return;
+		end
+		session.sends2s(st.stanza("enable", { xmlns = xmlns_sm }));
+		session.smacks = xmlns_sm;
+		wrap_session_out(session, false);
+	end);
+end);
+
+local function handle_enabled(session, _, xmlns_sm)
+	if session.type ~= "s2sout" then return; end
+	session.smacks = xmlns_sm;
+	wrap_session_in(session, false);
+	return true;
+end
+module:hook_tag(xmlns_sm2, "enabled", function (session, stanza) return handle_enabled(session, stanza, xmlns_sm2); end, 100);
+module:hook_tag(xmlns_sm3, "enabled", function (session, stanza) return handle_enabled(session, stanza, xmlns_sm3); end, 100);
 
 -- ---------------------------------------------------------------- <r/> and <a/>
 
