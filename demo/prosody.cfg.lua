@@ -26,8 +26,13 @@ modules_enabled = {
 	"native_smacks"; -- stream management on the native queue, in place of core mod_smacks
 	"websocket"; "bosh"; "admin_shell";
 	"http_openmetrics"; -- /metrics, for 127.0.0.1 only
+	"native_dane"; -- DANE for s2s: loaded, but idle here (see below)
 };
+-- No server-to-server links: a local demo has no remote peers, so mod_native_dane has nothing to
+-- verify. On a real server, enable s2s and DANE applies to every outgoing link.
 modules_disabled = { "s2s"; "smacks" };
+-- DNSSEC validation for Prosody's resolver (Debian's dns-root-data), which DANE needs.
+unbound = { options = { ["trust-anchor-file:"] = "/usr/share/dns/root.key" } };
 
 statistics = "internal";
 statistics_interval = "manual"; -- collected when /metrics is read

@@ -6,7 +6,7 @@ set -eu
 pkgs="build-essential pkg-config lua5.4 liblua5.4-dev luarocks lua-busted libsqlite3-dev sqlite3 libssl-dev
       prosody lua-dbi-sqlite3 lua-unbound python3 python3-pytest python3-slixmpp
       nsd unbound ldnsutils bind9-dnsutils
-      nodejs chromium-headless-shell"
+      nodejs chromium-headless-shell dns-root-data"
 missing=""
 for p in $pkgs; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"

@@ -127,11 +127,11 @@ class Demo:
         self.proc = None
 
     def prosodyctl(self, *args):
-        env = harness.child_env({"PN_ROOT": str(REPO), "PN_DEMO_STATE": str(self.state),
-                                 "PN_DEMO_C2S_PORT": str(self.c2s_port), "PN_DEMO_HTTP_PORT": str(self.http_port),
-                                 "PN_CONVERSE_DIR": str(converse_dir())})
-        return subprocess.run([harness.PROSODYCTL, "--config", str(REPO / "demo" / "prosody.cfg.lua"), *args],
-                              capture_output=True, text=True, env=env, timeout=WAIT)
+        """demo/prosodyctl, the command the demo prints for its admin shell."""
+        env = harness.child_env({"PN_DEMO_STATE": str(self.state), "PN_DEMO_C2S_PORT": str(self.c2s_port),
+                                 "PN_DEMO_HTTP_PORT": str(self.http_port)})
+        return subprocess.run(["sh", str(REPO / "demo" / "prosodyctl"), *args], capture_output=True, text=True,
+                              env=env, timeout=WAIT)
 
 
 def browser_step(demo, step, *extra):
@@ -208,6 +208,16 @@ def test_demo_prints_urls_data_and_log_locations(demo):
     password = (demo.state / "demo-password").read_text().strip()
     assert re.search(r"account demo@localhost\s+password " + re.escape(password), out)
     assert "(new data directory)" in out
+    assert "Admin shell: demo/prosodyctl shell" in out
+
+
+def test_demo_starts_without_errors_with_the_whole_pack_loaded(demo):
+    log = demo.log()
+    assert not re.findall(r"^.*\t(?:error|warn)\t.*$", log, re.M)
+    assert re.search(r"storage_native\tinfo\tArchive database .*prosody-native\.sqlite", log)
+    assert re.search(r"mod_native_dane\tinfo\tDANE for s2s: default policy opportunistic", log)
+    assert re.search(r"anon\.localhost:native_limits\tinfo\tLimits active", log)
+    assert re.search(r"conference\.localhost:native_limits\tinfo\tLimits active", log)
 
 
 def test_page_script_and_converse_assets_are_served(demo):
