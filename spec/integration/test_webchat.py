@@ -208,6 +208,12 @@ def test_demo_prints_urls_data_and_log_locations(demo):
     password = (demo.state / "demo-password").read_text().strip()
     assert re.search(r"account demo@localhost\s+password " + re.escape(password), out)
     assert "(new data directory)" in out
+    # The printed account works (plain SASL on the loopback-only c2s port).
+    c = harness.RawXMPP(demo.c2s_port, domain="localhost")
+    try:
+        assert c.login("demo", password).startswith("demo@localhost/")
+    finally:
+        c.close()
     assert "Admin shell: demo/prosodyctl shell" in out
 
 
@@ -363,6 +369,19 @@ def test_a_flooding_visitor_is_slowed_then_refused_by_the_limits(demo):
     assert refused and int(refused.group(1)) >= 30, metrics[-3000:]
     bans = re.search(r'^prosody_mod_native_limits__bans\{host="conference\.localhost"\} (\d+)', metrics, re.M)
     assert bans and int(bans.group(1)) >= 1
+
+
+def test_demo_refuses_to_start_on_a_taken_port(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        env = harness.child_env({"PN_DEMO_STATE": str(tmp_path / "state"), "PN_DEMO_C2S_PORT": str(harness.free_port()),
+                                 "PN_DEMO_HTTP_PORT": str(port)})
+        res = subprocess.run(["sh", str(REPO / "demo" / "run")], capture_output=True, text=True, env=env, timeout=WAIT)
+    assert res.returncode == 1
+    assert f"port {port} on 127.0.0.1 is taken" in res.stderr
+    assert not (tmp_path / "state" / "prosody.pid").exists()
 
 
 # -- the converse.js download --------------------------------------------------------------------------------------
