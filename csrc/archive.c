@@ -31,6 +31,8 @@
 #define VALUE_FORMAT 1
 #define MAX_DEPTH 64
 #define MAX_IDS 4096
+/* A WAL longer than this is checkpointed and truncated, not just copied back. */
+#define WAL_RESET_FRAMES 4096
 
 struct stmt_slot {
 	char *sql;
@@ -44,6 +46,7 @@ struct checkpointer {
 	pthread_cond_t wake;
 	int running;
 	int stop;
+	int wal_full;      /* set by the writer when the WAL passed WAL_RESET_FRAMES */
 	double interval;
 	char *path;
 };
@@ -568,6 +571,45 @@ static int push_element_mt(lua_State *L, archive_db *a) {
 /* A second connection that checkpoints the WAL every `interval` seconds: this is the
  * group commit of durability "normal" (appends commit without fsync; the checkpoint
  * fsyncs the WAL) and keeps checkpoint I/O off the caller's thread in both modes. */
+/* A passive checkpoint never blocks the writer, but while appends keep coming the WAL
+ * is never entirely copied back, so SQLite never rewinds it and it grows without end.
+ * Past WAL_RESET_FRAMES a truncating checkpoint makes the writer wait for the short
+ * final copy (its busy handler, then the shim's retries), and the WAL starts over. */
+static void checkpoint(sqlite3 *db) {
+	int frames = 0, copied = 0;
+	sqlite3_wal_checkpoint_v2(db, NULL, SQLITE_CHECKPOINT_PASSIVE, &frames, &copied);
+	if(frames > WAL_RESET_FRAMES)
+		sqlite3_wal_checkpoint_v2(db, NULL, SQLITE_CHECKPOINT_TRUNCATE, NULL, NULL);
+}
+
+/* The checkpointer's busy handler: a busy writer holds its lock for microseconds at a
+ * time, so poll often and briefly (SQLite's default sleeps milliseconds and, against a
+ * writer in a tight loop, never finds the lock free). Gives up after about a second. */
+static int poll_briefly(void *arg, int tries) {
+	struct timespec pause = { 0, 50000 };
+	(void)arg;
+	if(tries >= 20000)
+		return 0;
+	nanosleep(&pause, NULL);
+	return 1;
+}
+
+/* WAL hook of the writer: wakes the checkpointer early when the WAL grew long. */
+static int wal_grown(void *arg, sqlite3 *db, const char *name, int frames) {
+	struct checkpointer *c = arg;
+	(void)db;
+	(void)name;
+	if(frames > WAL_RESET_FRAMES) {
+		pthread_mutex_lock(&c->lock);
+		if(!c->wal_full) {
+			c->wal_full = 1;
+			pthread_cond_signal(&c->wake);
+		}
+		pthread_mutex_unlock(&c->lock);
+	}
+	return SQLITE_OK;
+}
+
 static void *checkpointer_main(void *arg) {
 	struct checkpointer *c = arg;
 	sqlite3 *db = NULL;
@@ -575,7 +617,10 @@ static void *checkpointer_main(void *arg) {
 		sqlite3_close(db);
 		return NULL;
 	}
-	sqlite3_busy_timeout(db, 1000);
+	sqlite3_busy_handler(db, poll_briefly, NULL);
+	/* A connection learns that the file is in WAL mode on its first read; until then
+	 * every checkpoint is a silent no-op. */
+	sqlite3_exec(db, "SELECT count(*) FROM sqlite_master", NULL, NULL, NULL);
 	pthread_mutex_lock(&c->lock);
 	while(!c->stop) {
 		struct timespec until;
@@ -588,11 +633,13 @@ static void *checkpointer_main(void *arg) {
 			until.tv_sec++;
 			until.tv_nsec -= 1000000000L;
 		}
-		pthread_cond_timedwait(&c->wake, &c->lock, &until);
+		if(!c->wal_full)
+			pthread_cond_timedwait(&c->wake, &c->lock, &until);
 		if(c->stop)
 			break;
+		c->wal_full = 0;
 		pthread_mutex_unlock(&c->lock);
-		sqlite3_wal_checkpoint_v2(db, NULL, SQLITE_CHECKPOINT_PASSIVE, NULL, NULL);
+		checkpoint(db);
 		pthread_mutex_lock(&c->lock);
 	}
 	pthread_mutex_unlock(&c->lock);
@@ -607,6 +654,7 @@ static int checkpointer_start(struct checkpointer *c, const char *path, double i
 		return -1;
 	c->interval = interval;
 	c->stop = 0;
+	c->wal_full = 0;
 	pthread_mutex_init(&c->lock, NULL);
 	pthread_condattr_init(&attr);
 	pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
@@ -658,6 +706,7 @@ static void reopen_after_fork(lua_State *L, archive_db *a) {
 		}
 		luaL_error(L, "%s: cannot reopen the archive database after fork", a->path);
 	}
+	sqlite3_wal_hook(a->db, wal_grown, &a->ckpt);
 }
 
 static archive_db *check_db(lua_State *L) {
@@ -675,6 +724,7 @@ static void archive_release(lua_State *L, archive_db *a) {
 		a->db = NULL;
 	}
 	if(a->db) {
+		sqlite3_wal_hook(a->db, NULL, NULL);
 		checkpointer_stop(&a->ckpt);
 		recover(a);
 		exec_sql(a, "PRAGMA optimize");
@@ -699,10 +749,11 @@ static const char *const SCHEMA[] = {
 	" host TEXT NOT NULL, store TEXT NOT NULL, user TEXT NOT NULL,"
 	" items INTEGER NOT NULL DEFAULT 0,"
 	" UNIQUE (host, store, user))",
-	/* AUTOINCREMENT: a sequence number is never reused, so archive order survives
-	 * deleting the newest item. */
+	/* seq is the rowid: append order. Without AUTOINCREMENT a deleted newest seq may
+	 * come back, which is harmless (keys are the ids clients see, and they are never
+	 * reused) and saves writing sqlite_sequence on every append. */
 	"CREATE TABLE IF NOT EXISTS items ("
-	" seq INTEGER PRIMARY KEY AUTOINCREMENT,"
+	" seq INTEGER PRIMARY KEY,"
 	" owner INTEGER NOT NULL,"
 	" key TEXT NOT NULL,"
 	" \"when\" REAL NOT NULL,"
@@ -752,7 +803,8 @@ static const char *open_database(archive_db *a, const char *path, int durable, i
 	if(exec_sql(a, durable ? "PRAGMA synchronous = FULL" : "PRAGMA synchronous = NORMAL") != SQLITE_OK
 			|| exec_sql(a, "PRAGMA wal_autocheckpoint = 0") != SQLITE_OK
 			|| exec_sql(a, "PRAGMA journal_size_limit = 67108864") != SQLITE_OK
-			|| exec_sql(a, "PRAGMA secure_delete = FAST") != SQLITE_OK)
+			|| exec_sql(a, "PRAGMA secure_delete = FAST") != SQLITE_OK
+			|| exec_sql(a, "PRAGMA cache_size = -16384") != SQLITE_OK)
 		return "configure";
 	if(exec_sql(a, "BEGIN IMMEDIATE") != SQLITE_OK)
 		return "schema";
@@ -828,6 +880,7 @@ static int Larchive_open(lua_State *L) {
 		archive_release(L, a);
 		return pn_fail(L, "cannot start the checkpoint thread", "thread");
 	}
+	sqlite3_wal_hook(a->db, wal_grown, &a->ckpt);
 	a->path = strdup(path);
 	if(!a->path) {
 		archive_release(L, a);
@@ -1134,11 +1187,25 @@ static void where_bind(lua_State *L, const struct query *q, const struct where *
 	}
 }
 
-/* Prepares `head || where || tail` and binds it; NULL on SQLite error. */
+/* Prepares `head || where || tail` and binds it; NULL on SQLite error. The head's
+ * SOURCE names the table to search: a few ids are found through their keys, which
+ * SQLite without statistics would rather do by walking the whole archive. */
 static sqlite3_stmt *prepare_where(lua_State *L, archive_db *a, const struct query *q, const struct where *w,
 		const char *head, const char *tail) {
 	strbuf sql = { NULL, 0, 0, 0 };
 	sqlite3_stmt *st;
+	const char *source = strstr(head, "SOURCE");
+	if(source) {
+		char before[128];
+		size_t n = (size_t)(source - head);
+		if(n >= sizeof before)
+			return NULL;
+		memcpy(before, head, n);
+		before[n] = '\0';
+		sb_add(&sql, before);
+		sb_add(&sql, q->ids ? "items INDEXED BY items_key" : "items");
+		head = source + strlen("SOURCE");
+	}
 	sb_add(&sql, head);
 	sb_add(&sql, w->sql.s);
 	sb_add(&sql, tail);
@@ -1183,7 +1250,7 @@ static int count_matching(lua_State *L, archive_db *a, const struct query *q, sq
 		where_free(&w);
 		return -1;
 	}
-	st = prepare_where(L, a, q, &w, "SELECT COUNT(*) FROM items WHERE ", "");
+	st = prepare_where(L, a, q, &w, "SELECT COUNT(*) FROM SOURCE WHERE ", "");
 	where_free(&w);
 	if(!st)
 		return -1;
@@ -1260,7 +1327,7 @@ static int Larchive_find(lua_State *L) {
 		snprintf(tail, sizeof tail, " ORDER BY seq %s LIMIT %lld", q.reverse ? "DESC" : "ASC", (long long)q.limit);
 	else
 		snprintf(tail, sizeof tail, " ORDER BY seq %s", q.reverse ? "DESC" : "ASC");
-	st = prepare_where(L, a, &q, &w, "SELECT seq, key, value, \"when\", \"with\" FROM items WHERE ", tail);
+	st = prepare_where(L, a, &q, &w, "SELECT seq, key, value, \"when\", \"with\" FROM SOURCE WHERE ", tail);
 	where_free(&w);
 	if(!st)
 		return db_error(L, a);
@@ -1489,7 +1556,7 @@ static int delete_batch(lua_State *L, archive_db *a, const struct query *q, sqli
 		return -1;
 	}
 	snprintf(tail, sizeof tail, " LIMIT %d)", batch);
-	st = prepare_where(L, a, q, &w, "DELETE FROM items WHERE seq IN (SELECT seq FROM items WHERE ", tail);
+	st = prepare_where(L, a, q, &w, "DELETE FROM items WHERE seq IN (SELECT seq FROM SOURCE WHERE ", tail);
 	where_free(&w);
 	if(!st)
 		return -1;
@@ -1520,7 +1587,7 @@ static int truncate_bound(lua_State *L, archive_db *a, struct query *q, sqlite3_
 		return 1;
 	}
 	snprintf(tail, sizeof tail, " ORDER BY seq %s LIMIT 1 OFFSET %lld", q->reverse ? "ASC" : "DESC", (long long)(q->truncate - 1));
-	st = prepare_where(L, a, q, &w, "SELECT seq FROM items WHERE ", tail);
+	st = prepare_where(L, a, q, &w, "SELECT seq FROM SOURCE WHERE ", tail);
 	where_free(&w);
 	if(!st) {
 		*err = 1;
@@ -1541,10 +1608,12 @@ static int truncate_bound(lua_State *L, archive_db *a, struct query *q, sqlite3_
 }
 
 /* Deletes matching items of one owner until done or out of time. Returns -1 on
- * SQLite error, else whether rows may remain. */
+ * SQLite error, else whether rows may remain. Each batch is sized from the time the
+ * last one took per row, so a slice ends close to its deadline, not a batch past it. */
 static int delete_owner(lua_State *L, archive_db *a, struct query q, sqlite3_int64 owner,
 		double deadline, lua_Integer *deleted, int *unknown_id) {
-	int batch = 64, got, err;
+	int batch = 32, got, err;
+	double started, now, fits;
 	int range = resolve_range(a, owner, &q);
 	if(range == -2)
 		return -1;
@@ -1557,16 +1626,21 @@ static int delete_owner(lua_State *L, archive_db *a, struct query q, sqlite3_int
 			return err ? -1 : 0;
 	}
 	for(;;) {
+		started = pn_monotonic();
 		got = delete_batch(L, a, &q, owner, batch);
 		if(got < 0)
 			return -1;
 		*deleted += got;
 		if(got < batch)
 			return 0;
-		if(pn_monotonic() >= deadline)
+		now = pn_monotonic();
+		if(now >= deadline)
 			return 1;
-		if(batch < 4096)
-			batch *= 2;
+		/* keep a third of what is left for the COMMIT */
+		fits = (deadline - now) * 0.66 / ((now - started) / got + 1e-9);
+		if(fits < 8)
+			return 1;
+		batch = fits > 2048 ? 2048 : (int)fits;
 	}
 }
 
@@ -1671,7 +1745,7 @@ static int Larchive_summary(lua_State *L) {
 		where_free(&w);
 		return luaL_error(L, "out of memory");
 	}
-	st = prepare_where(L, a, &q, &w, "SELECT \"with\", COUNT(*), MIN(\"when\"), MAX(\"when\") FROM items WHERE ",
+	st = prepare_where(L, a, &q, &w, "SELECT \"with\", COUNT(*), MIN(\"when\"), MAX(\"when\") FROM SOURCE WHERE ",
 		" GROUP BY \"with\"");
 	where_free(&w);
 	if(!st)
@@ -1790,24 +1864,36 @@ static int Larchive_dates(lua_State *L) {
 
 /* ---------------------------------------------------------------- maintenance */
 
-/* db:vacuum_step(pages?) -> free pages left | nil, err, code
- * Returns up to `pages` free pages to the file system (incremental vacuum). */
+static int free_pages(archive_db *a, sqlite3_int64 *left) {
+	sqlite3_stmt *st = stmt_get(a, "PRAGMA freelist_count");
+	int rc;
+	if(!st)
+		return -1;
+	rc = sqlite3_step(st);
+	*left = rc == SQLITE_ROW ? sqlite3_column_int64(st, 0) : 0;
+	sqlite3_reset(st);
+	return rc == SQLITE_ROW ? 0 : -1;
+}
+
+/* db:vacuum_step(budget?) -> free pages left | nil, err, code
+ * Returns free pages to the file system (incremental vacuum) for about `budget`
+ * seconds (default 0.01), a few pages per transaction. */
 static int Larchive_vacuum_step(lua_State *L) {
 	archive_db *a = check_db(L);
-	lua_Integer pages = luaL_optinteger(L, 2, 256);
-	char sql[64];
-	sqlite3_stmt *st;
+	double budget = luaL_optnumber(L, 2, 0.01);
+	double deadline = pn_monotonic() + budget;
 	sqlite3_int64 left = 0;
 	recover(a);
-	snprintf(sql, sizeof sql, "PRAGMA incremental_vacuum(%lld)", (long long)(pages > 0 ? pages : 1));
-	if(exec_sql(a, sql) != SQLITE_OK)
+	do {
+		if(free_pages(a, &left) < 0)
+			return db_error(L, a);
+		if(left == 0)
+			break;
+		if(exec_sql(a, "PRAGMA incremental_vacuum(16)") != SQLITE_OK)
+			return db_error(L, a);
+	} while(pn_monotonic() < deadline);
+	if(free_pages(a, &left) < 0)
 		return db_error(L, a);
-	st = stmt_get(a, "PRAGMA freelist_count");
-	if(!st)
-		return db_error(L, a);
-	if(sqlite3_step(st) == SQLITE_ROW)
-		left = sqlite3_column_int64(st, 0);
-	sqlite3_reset(st);
 	lua_pushinteger(L, left);
 	return 1;
 }

@@ -235,7 +235,7 @@ function archive_store:delete(username, query)
 	until not more
 	if deleted > 0 then
 		repeat
-			local free = db:vacuum_step(256);
+			local free = db:vacuum_step(slice);
 			if free and free > 0 then yield_between_slices(); end
 		until not free or free == 0
 	end
@@ -348,7 +348,7 @@ end
 
 function commands.vacuum()
 	local free;
-	repeat free = db:vacuum_step(4096); until not free or free == 0
+	repeat free = db:vacuum_step(1); until not free or free == 0
 	print("free pages returned to the file system");
 	return 0;
 end
