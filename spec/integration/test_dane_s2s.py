@@ -18,6 +18,7 @@ pytestmark = pytest.mark.skipif(bool(tb.tools_missing()), reason="DNSSEC test be
 
 SENDER = "sender.dane.example"
 B_ADDR = "127.0.0.2"
+B_ADDR3 = "127.0.0.3"
 
 
 class S2SProsody(harness.ProsodyServer):
@@ -36,7 +37,8 @@ class S2SProsody(harness.ProsodyServer):
             text = super().config_text()
         finally:
             self.modules_disabled = saved
-        extra = [f"s2s_ports = {{ {self.s2s_port} }}", f's2s_interfaces = {{ "{self.s2s_interface}" }}']
+        interfaces = [self.s2s_interface] if isinstance(self.s2s_interface, str) else list(self.s2s_interface)
+        extra = [f"s2s_ports = {{ {self.s2s_port} }}", f"s2s_interfaces = {harness.lua_literal(interfaces)}"]
         head, sep, rest = text.partition('\nVirtualHost "localhost"')
         hosts = "".join(f'\nVirtualHost "{h}"\n' for h in self.vhosts)
         return head + "\n" + "\n".join(extra) + "\n" + hosts + sep + rest
@@ -103,6 +105,14 @@ def world(tmp_path_factory):
     bed.add_insecure("_xmpp-server._tcp", "SRV", f"0 0 {b_port} xmpp.insecure.dane.example.")
     bed.add_insecure("xmpp", "A", B_ADDR)
     domains.append("insecure.dane.example")
+    # two targets on two addresses of B: the preferred one has bogus TLSA records
+    bed.add("_xmpp-server._tcp.mixed", "SRV", f"0 0 {b_port} t-mixed-bad.dane.example.")
+    bed.add("_xmpp-server._tcp.mixed", "SRV", f"10 0 {b_port} t-mixed-good.dane.example.")
+    bed.add("t-mixed-bad", "A", B_ADDR3)
+    bed.add(f"_{b_port}._tcp.t-mixed-bad", "TLSA", f"3 1 1 {ee}", bogus=True)
+    bed.add("t-mixed-good", "A", B_ADDR)
+    bed.add(f"_{b_port}._tcp.t-mixed-good", "TLSA", f"3 1 1 {ee}")
+    domains.append("mixed.dane.example")
     b2_port = tb.free_port()
     bed.add("_xmpp-server._tcp.notls", "SRV", f"0 0 {b2_port} t-notls.dane.example.")
     bed.add("t-notls", "A", B_ADDR)
@@ -117,7 +127,7 @@ def world(tmp_path_factory):
     common = {"unbound": unbound, "ssl": {"certificate": pki["chain"], "key": pki["key"]},
               "s2s_require_encryption": True, "s2s_secure_auth": False}
     # B authenticates A by A's own TLSA records (incoming DANE), which lets A use SASL EXTERNAL
-    b = S2SProsody(name="dane-B", s2s_port=b_port, s2s_interface=B_ADDR, vhosts=domains,
+    b = S2SProsody(name="dane-B", s2s_port=b_port, s2s_interface=[B_ADDR, B_ADDR3], vhosts=domains,
                    modules=["tls", "dialback", "native_dane", "http_openmetrics"],
                    global_options=dict(common, dane_incoming=True, dane_cafile=False, statistics="internal",
                                        statistics_interval="manual"))
@@ -336,6 +346,14 @@ def test_check_command_warns_before_tlsa_signatures_expire(world):
         del a.global_options["dane_check_rrsig_warn"]
         a.write_config()
     assert "WARNING: the signature of the TLSA records of t-c301.dane.example expires within 40 days" in out, out
+
+
+def test_a_target_with_bogus_tlsa_is_never_used_without_dane(world):
+    # Prosody 0.12 picks the preferred SRV target itself; its TLSA records are bogus, so the connection to it is
+    # refused after TLS (the good target is not tried: mod_s2s does not fall back after a stream is closed)
+    out = ping(world["a"], "mixed.dane.example")
+    assert "pong" not in out and "DANE: TLSA records of _" in out and "t-mixed-bad.dane.example are bogus" in out, out
+    assert re.search(r"DANE: refusing s2s connection to mixed\.dane\.example: TLSA records of .*t-mixed-bad", world["a"].log_text())
 
 
 def test_resolution_errors_are_refused_not_ignored(world):
