@@ -106,3 +106,35 @@ def test_address_and_prefix_levels_with_loopback_exempt(prosody_factory, prefixe
     assert decisions(srv, "logins", "refuse") == 5
     show = srv.shell(f'limits:show("{v6}01::/48")')
     assert f"{v6}01::/48" in show and "0.0 of 4 left" in show, show
+
+
+def test_three_banned_addresses_ban_their_64(prosody_factory, prefixes):
+    p = prefixes
+    srv = limits_server(prosody_factory, exempt_loopback=True, global_options={
+        "interfaces": ["127.0.0.1", p["server4"], p["server6"]],
+    }, host_options={
+        "native_limits_logins": {"address": "1/10min", "ipv6/64": False, "ipv6/48": False, "ipv4/24": False,
+                                 "global": False},
+        "native_limits_connections": False,
+        "native_limits_max_delay": 0,
+        "native_limits_close_after": 3,
+    })
+    s6, v6 = p["server6"], p["v6"]
+    for host in (1, 2, 3):
+        src = f"{v6}05:7::{host}"
+        assert login_from(srv, src, s6) == "ok"
+        c = From(srv, src, s6)
+        assert c.open()[0] == "ok"
+        assert c.auth()[0] == "failure" and c.auth()[0] == "failure"
+        kind, text = c.auth()  # the third refusal closes the stream and bans the address
+        assert kind == "stream-error", text
+        c.close()
+    # a fourth, fresh address of the same /64 is refused at stream open: the /64 itself is banned
+    c = From(srv, f"{v6}05:7::99", s6)
+    kind, text = c.open()
+    assert kind == "stream-error" and "try again in 300 seconds" in text, text
+    c.close()
+    # another /64 of the same /48 is not
+    assert login_from(srv, f"{v6}05:8::1", s6) == "ok"
+    top = srv.shell("limits:top(10)")
+    assert f"{v6}05:7::/64" in top, top
