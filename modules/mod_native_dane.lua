@@ -277,7 +277,7 @@ local function bounce(from_host, stanza, text)
 	module:context(from_host):send(reply);
 end
 
-local function refuse_route(event, state, reason, text)
+local function refuse_route(event, reason, text)
 	m_refused:with_labels(reason):add(1);
 	module:log("warn", "DANE: not connecting to %s: %s", event.to_host, text);
 	bounce(event.from_host, event.stanza, text);
@@ -286,11 +286,11 @@ end
 
 local function route_with(event, state, policy)
 	if state.refuse then
-		return refuse_route(event, state, state.outcome, state.refuse);
+		return refuse_route(event, state.outcome, state.refuse);
 	end
 	if policy == "required" and state.outcome ~= "dane" then
 		local why = state.outcome == "insecure" and "its DNS records are not DNSSEC-signed" or "it publishes no TLSA records";
-		return refuse_route(event, state, "required", ("DANE is required for %s but %s"):format(event.to_host, why));
+		return refuse_route(event, "required", ("DANE is required for %s but %s"):format(event.to_host, why));
 	end
 	routing[event.to_host] = { state = state; policy = policy };
 	return nil; -- on to mod_s2s, which creates the session (s2sout-created below)

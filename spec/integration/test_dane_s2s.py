@@ -361,9 +361,8 @@ def test_resolution_errors_are_refused_not_ignored(world):
 
 
 def test_tlsa_without_tls_is_refused(world):
-    out = assert_refused(world, "notls.dane.example", r"DANE: TLSA records are published but the connection was not encrypted")
+    assert_refused(world, "notls.dane.example", r"DANE: TLSA records are published but the connection was not encrypted")
     assert "DANE: notls.dane.example publishes TLSA records but the stream is not encrypted" in world["a"].log_text()
-    del out
 
 
 def test_metrics_count_each_outcome(world):
