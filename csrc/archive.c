@@ -47,6 +47,11 @@ struct checkpointer {
 	int running;
 	int stop;
 	int wal_full;      /* set by the writer when the WAL passed WAL_RESET_FRAMES */
+	int failed;        /* the thread could not open its connection */
+	/* Durability tickets: everything committed before ticket N was taken is on disk
+	 * once synced >= N. */
+	unsigned long requested, synced;
+	pthread_cond_t synced_cond;
 	double interval;
 	char *path;
 };
@@ -610,37 +615,60 @@ static int wal_grown(void *arg, sqlite3 *db, const char *name, int frames) {
 	return SQLITE_OK;
 }
 
+/* fsyncs the WAL through this connection's handle of it: makes every frame written
+ * so far, by any connection, durable. Falls back to a checkpoint, which syncs too. */
+static void sync_wal(sqlite3 *db) {
+	sqlite3_file *wal = NULL;
+	if(sqlite3_file_control(db, "main", SQLITE_FCNTL_JOURNAL_POINTER, &wal) == SQLITE_OK
+			&& wal && wal->pMethods && wal->pMethods->xSync(wal, SQLITE_SYNC_NORMAL) == SQLITE_OK)
+		return;
+	sqlite3_wal_checkpoint_v2(db, NULL, SQLITE_CHECKPOINT_FULL, NULL, NULL);
+}
+
 static void *checkpointer_main(void *arg) {
 	struct checkpointer *c = arg;
 	sqlite3 *db = NULL;
+	double next_checkpoint;
 	if(sqlite3_open_v2(c->path, &db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_NOMUTEX, NULL) != SQLITE_OK) {
 		sqlite3_close(db);
+		pthread_mutex_lock(&c->lock);
+		c->failed = 1;
+		pthread_cond_broadcast(&c->synced_cond);
+		pthread_mutex_unlock(&c->lock);
 		return NULL;
 	}
 	sqlite3_busy_handler(db, poll_briefly, NULL);
 	/* A connection learns that the file is in WAL mode on its first read; until then
 	 * every checkpoint is a silent no-op. */
 	sqlite3_exec(db, "SELECT count(*) FROM sqlite_master", NULL, NULL, NULL);
+	next_checkpoint = pn_monotonic() + c->interval;
 	pthread_mutex_lock(&c->lock);
 	while(!c->stop) {
-		struct timespec until;
-		double whole;
-		double frac = modf(c->interval, &whole);
-		clock_gettime(CLOCK_MONOTONIC, &until);
-		until.tv_sec += (time_t)whole;
-		until.tv_nsec += (long)(frac * 1e9);
-		if(until.tv_nsec >= 1000000000L) {
-			until.tv_sec++;
-			until.tv_nsec -= 1000000000L;
-		}
-		if(!c->wal_full)
+		unsigned long target;
+		int due;
+		if(!c->wal_full && c->requested == c->synced) {
+			struct timespec until;
+			double whole, frac = modf(next_checkpoint, &whole);
+			until.tv_sec = (time_t)whole;
+			until.tv_nsec = (long)(frac * 1e9);
 			pthread_cond_timedwait(&c->wake, &c->lock, &until);
+		}
 		if(c->stop)
 			break;
+		target = c->requested;
+		due = c->wal_full || pn_monotonic() >= next_checkpoint;
 		c->wal_full = 0;
 		pthread_mutex_unlock(&c->lock);
-		checkpoint(db);
+		/* one fsync serves every ticket taken so far: group commit */
+		if(target != c->synced)
+			sync_wal(db);
+		if(due) {
+			checkpoint(db);
+			next_checkpoint = pn_monotonic() + c->interval;
+		}
 		pthread_mutex_lock(&c->lock);
+		c->synced = target;
+		pthread_cond_broadcast(&c->synced_cond);
 	}
 	pthread_mutex_unlock(&c->lock);
 	sqlite3_close(db);
@@ -655,12 +683,16 @@ static int checkpointer_start(struct checkpointer *c, const char *path, double i
 	c->interval = interval;
 	c->stop = 0;
 	c->wal_full = 0;
+	c->failed = 0;
+	c->requested = c->synced = 0;
 	pthread_mutex_init(&c->lock, NULL);
 	pthread_condattr_init(&attr);
 	pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
 	pthread_cond_init(&c->wake, &attr);
 	pthread_condattr_destroy(&attr);
+	pthread_cond_init(&c->synced_cond, NULL);
 	if(pthread_create(&c->thread, NULL, checkpointer_main, c) != 0) {
+		pthread_cond_destroy(&c->synced_cond);
 		pthread_cond_destroy(&c->wake);
 		pthread_mutex_destroy(&c->lock);
 		free(c->path);
@@ -679,6 +711,7 @@ static void checkpointer_stop(struct checkpointer *c) {
 	pthread_cond_signal(&c->wake);
 	pthread_mutex_unlock(&c->lock);
 	pthread_join(c->thread, NULL);
+	pthread_cond_destroy(&c->synced_cond);
 	pthread_cond_destroy(&c->wake);
 	pthread_mutex_destroy(&c->lock);
 	free(c->path);
@@ -1997,6 +2030,51 @@ static int Larchive_stats(lua_State *L) {
 	return 1;
 }
 
+/* db:sync_ticket() -> ticket
+ * Asks for everything committed so far to be made durable (one fsync, shared by every
+ * ticket taken meanwhile); check with db:synced(ticket) or db:wait_synced(ticket). */
+static int Larchive_sync_ticket(lua_State *L) {
+	archive_db *a = check_db(L);
+	struct checkpointer *c = &a->ckpt;
+	unsigned long ticket;
+	pthread_mutex_lock(&c->lock);
+	ticket = ++c->requested;
+	pthread_cond_signal(&c->wake);
+	pthread_mutex_unlock(&c->lock);
+	lua_pushinteger(L, (lua_Integer)ticket);
+	return 1;
+}
+
+static int ticket_state(archive_db *a, lua_Integer ticket, int wait) {
+	struct checkpointer *c = &a->ckpt;
+	int state;
+	pthread_mutex_lock(&c->lock);
+	while(wait && !c->failed && c->synced < (unsigned long)ticket)
+		pthread_cond_wait(&c->synced_cond, &c->lock);
+	state = c->failed ? -1 : c->synced >= (unsigned long)ticket;
+	pthread_mutex_unlock(&c->lock);
+	return state;
+}
+
+/* db:synced(ticket) -> boolean | nil, err, code */
+static int Larchive_synced(lua_State *L) {
+	archive_db *a = check_db(L);
+	int state = ticket_state(a, luaL_checkinteger(L, 2), 0);
+	if(state < 0)
+		return pn_fail(L, "the sync thread could not open the database", "sync-failed");
+	lua_pushboolean(L, state);
+	return 1;
+}
+
+/* db:wait_synced(ticket) -> true | nil, err, code  (blocks the calling thread) */
+static int Larchive_wait_synced(lua_State *L) {
+	archive_db *a = check_db(L);
+	if(ticket_state(a, luaL_checkinteger(L, 2), 1) < 0)
+		return pn_fail(L, "the sync thread could not open the database", "sync-failed");
+	lua_pushboolean(L, 1);
+	return 1;
+}
+
 /* db:busy_timeout(ms) -- how long a write waits for another process's lock */
 static int Larchive_busy_timeout(lua_State *L) {
 	archive_db *a = check_db(L);
@@ -2066,6 +2144,9 @@ static const luaL_Reg archive_methods[] = {
 	{ "check", Larchive_check },
 	{ "stats", Larchive_stats },
 	{ "busy_timeout", Larchive_busy_timeout },
+	{ "sync_ticket", Larchive_sync_ticket },
+	{ "synced", Larchive_synced },
+	{ "wait_synced", Larchive_wait_synced },
 	{ NULL, NULL }
 };
 

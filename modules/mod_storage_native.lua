@@ -66,7 +66,9 @@ local db = connections[db_path];
 if not db then
 	local err;
 	db, err = engine.open(db_path, {
-		durability = durability;
+		-- "full" is kept by waiting for a sync ticket after each write (durable() below),
+		-- so the fsync happens on the engine's thread, shared by concurrent writers.
+		durability = "normal";
 		sync_interval = sync_interval;
 		busy_timeout = SHORT_BUSY_MS;
 		element_mt = st.stanza_mt;
@@ -130,6 +132,36 @@ local function write(method, ...)
 	end
 end
 
+-- storage_native_durability = "full": a write returns once it is on disk. The fsync
+-- runs on the engine's thread; an async caller sleeps meanwhile (one timer polls for
+-- every waiter), anything else blocks until it is done.
+local sync_waiters = {};
+local function poll_syncs()
+	local still = {};
+	for _, waiter in ipairs(sync_waiters) do
+		if db:synced(waiter.ticket) == false then
+			still[#still+1] = waiter;
+		else
+			waiter.done();
+		end
+	end
+	sync_waiters = still;
+	if #still > 0 then return 0.001; end
+end
+
+local function durable()
+	if durability ~= "full" then return true; end
+	local ticket = db:sync_ticket();
+	if not async.ready() then
+		return db:wait_synced(ticket);
+	end
+	local wait, done = async.waiter();
+	sync_waiters[#sync_waiters+1] = { ticket = ticket, done = done };
+	if #sync_waiters == 1 then module:add_timer(0.001, poll_syncs); end
+	wait();
+	return db:synced(ticket);
+end
+
 local PAGE = 256; -- items the engine materialises per call when the caller wants many
 
 local archive_store = {};
@@ -153,6 +185,8 @@ function archive_store:append(username, key, value, when, with)
 	elseif not ret then
 		return failed("append", err, code);
 	end
+	local synced, serr, scode = durable();
+	if not synced then return failed("append", serr, scode); end
 	return ret;
 end
 
@@ -215,6 +249,8 @@ function archive_store:set(username, key, value, when, with)
 	local ok, ret, err, code = pcall(write, db.set, store_host, self.store, username or "", key, value, when, with);
 	if not ok then return failed("set", ret, "unsupported-datatype"); end
 	if ret == nil then return failed("set", err, code); end
+	local synced, serr, scode = durable();
+	if not synced then return failed("set", serr, scode); end
 	return ret;
 end
 
@@ -233,6 +269,8 @@ function archive_store:delete(username, query)
 		deleted = deleted + count;
 		if more then yield_between_slices(); end
 	until not more
+	local synced, serr, scode = durable();
+	if not synced then return failed("delete", serr, scode); end
 	if deleted > 0 then
 		repeat
 			local free = db:vacuum_step(slice);

@@ -189,6 +189,17 @@ describe("prosody_native.archive", function ()
 			assert.is_true(grown);
 		end);
 
+		it("makes writes durable on request, one fsync for every ticket taken meanwhile", function ()
+			local db = fresh({ sync_interval = 3600 }); -- no periodic checkpoint to help
+			assert(db:append("h", "s", "u", nil, "v", 1, ""));
+			local first = db:sync_ticket();
+			local second = db:sync_ticket();
+			assert.equal(first + 1, second);
+			assert.is_true(db:wait_synced(second));
+			assert.is_true(db:synced(first));
+			assert.is_false(db:synced(second + 1));
+		end);
+
 		it("keeps the WAL bounded while appends never pause", function ()
 			local db = fresh();
 			local v = ("x"):rep(480);

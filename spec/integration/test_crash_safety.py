@@ -29,12 +29,17 @@ def read_lines(path):
 
 
 def run_appender(tmp, data, durability, round_no, delay):
+    """Starts the appender, waits for its first returned append (so a slow start on a busy machine is not
+    mistaken for a driver that stopped appending), lets it run `delay` more seconds, then SIGKILLs it."""
     out = tmp / f"append-{round_no}.out"
     err = tmp / f"append-{round_no}.err"
     harness.CHILD_OUTPUTS.append(err)
     with open(out, "wb") as o, open(err, "wb") as e:
         p = subprocess.Popen([harness.LUA, str(APPENDER), "append", str(data), durability, str(USERS)],
                              stdout=o, stderr=e, stdin=subprocess.DEVNULL, env=harness.lua_env(), cwd=str(tmp))
+        deadline = time.monotonic() + 60  # bounds a hang, not a speed
+        while not read_lines(out) and p.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
         time.sleep(delay)
         alive = p.poll() is None
         if alive:
@@ -70,7 +75,7 @@ def test_sigkill_while_appending_loses_no_returned_append(tmp_path):
     returned = []
     per_round = []
     for round_no in range(KILLS):
-        got = run_appender(tmp_path, data, "full", round_no, rng.uniform(0.2, 1.0))
+        got = run_appender(tmp_path, data, "full", round_no, rng.uniform(0.0, 0.8))
         per_round.append(len(got))
         returned += got
     context = f"(PN_CRASH_SEED={seed}; returned appends per round: {per_round})"
@@ -102,23 +107,21 @@ def test_sigkill_while_appending_loses_no_returned_append(tmp_path):
         con.close()
 
 
-def test_sigkill_with_normal_durability_keeps_a_consistent_prefix(tmp_path):
-    """With durability "normal" the newest returned appends may be lost in a crash, but the database stays intact,
-    counters stay exact, and what survives of each run is a prefix of what it appended (no gaps)."""
+def test_sigkill_with_normal_durability_loses_nothing_either(tmp_path):
+    """Durability "normal" only gives up the fsync: a killed process (unlike a power cut) loses no append that
+    returned. The database stays intact and counters exact."""
     seed = int(os.environ.get("PN_CRASH_SEED", random.randrange(2 ** 32)))
     rng = random.Random(seed)
     data = tmp_path / "data"
     data.mkdir()
-    rounds = [run_appender(tmp_path, data, "normal", r, rng.uniform(0.2, 1.0)) for r in range(3)]
+    rounds = [run_appender(tmp_path, data, "normal", r, rng.uniform(0.0, 0.8)) for r in range(3)]
     context = f"(PN_CRASH_SEED={seed}; returned per round: {[len(r) for r in rounds]})"
-    assert any(rounds), f"no append returned at all {context}"
+    assert all(rounds), f"a round returned no append {context}"
     keys, totals = list_archive(tmp_path, data, "normal")
     present = {k for ks in keys.values() for k in ks}
     for r, got in enumerate(rounds):
-        flags = [k in present for _, k in got]
-        kept = flags.count(True)
-        assert flags == [True] * kept + [False] * (len(flags) - kept), \
-            f"round {r}: surviving appends are not a prefix (gap in the archive) {context}"
+        lost = [k for _, k in got if k not in present]
+        assert not lost, f"round {r}: {len(lost)} returned appends lost, e.g. {lost[:3]} {context}"
     for user, ks in keys.items():
         assert totals[user] == len(ks)
     con = sqlite3.connect(str(data / "prosody-native.sqlite"), timeout=30)
