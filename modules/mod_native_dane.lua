@@ -171,49 +171,62 @@ end
 
 -- What DNSSEC says about domain: outcome "dane" (some target has secure usable-looking
 -- TLSA), "insecure", "no-tlsa", or a refusal (bogus, resolution-error) with a reason.
+-- Both SRV sets Prosody uses are considered: Direct TLS (_xmpps-server, XEP-0368),
+-- which it tries first, and STARTTLS (_xmpp-server).
 local function resolve(domain, lookup_all)
-	local state = { domain = domain; targets = {}; srv = nil };
-	local srv_name = "_xmpp-server._tcp." .. domain;
-	local srv = lookup_all({ { srv_name, "SRV" } })[1];
-	local status, why = dnssec_status(srv[1], srv[2]);
-	state.srv = status;
-	if status == "bogus" then
-		state.outcome, state.refuse = "bogus", ("SRV records of %s are bogus (DNSSEC validation failed: %s)"):format(domain, why);
-		return state;
-	elseif status == "error" then
-		state.outcome, state.refuse = "resolution-error", ("SRV lookup for %s failed (%s)"):format(srv_name, why);
-		return state;
-	elseif status == "insecure" then
-		state.outcome = "insecure";
-		return state;
+	local state = { domain = domain; targets = {} };
+	local kinds = {
+		{ name = "_xmpps-server._tcp." .. domain; field = "srv_direct"; direct = true };
+		{ name = "_xmpp-server._tcp." .. domain; field = "srv" };
+	};
+	local srv_answers = lookup_all({ { kinds[1].name, "SRV" }, { kinds[2].name, "SRV" } });
+	local records, insecure_srv = {}, false;
+	for k, kind in ipairs(kinds) do
+		local answer, err = srv_answers[k][1], srv_answers[k][2];
+		local status, why = dnssec_status(answer, err);
+		state[kind.field] = status;
+		if status == "bogus" then
+			state.outcome, state.refuse = "bogus", ("SRV records of %s are bogus (DNSSEC validation failed: %s)"):format(domain, why);
+			return state;
+		elseif status == "error" then
+			state.outcome, state.refuse = "resolution-error", ("SRV lookup for %s failed (%s)"):format(kind.name, why);
+			return state;
+		end
+		local these = {};
+		for _, rr in ipairs(answer) do
+			if rr.srv then these[#these + 1] = rr.srv; end
+		end
+		if #these == 1 and these[1].target == "." then
+			state.note = (state.note and state.note .. "; " or "") .. kind.name .. ": service explicitly unavailable (target \".\")";
+			these = {};
+		elseif #these == 0 and not kind.direct and status == "secure" and #records == 0 then
+			-- secure denial of SRV: Prosody falls back to the domain itself on 5269
+			these = { { target = domain; port = 5269; priority = 0 } };
+		end
+		table.sort(these, function (a, b) return a.priority < b.priority; end);
+		for _, rr in ipairs(these) do
+			records[#records + 1] = { target = rr.target; port = rr.port; direct = kind.direct; secure = status == "secure" };
+		end
+		insecure_srv = insecure_srv or (status == "insecure" and (#these > 0 or not kind.direct));
 	end
-	local records = {};
-	for _, rr in ipairs(srv[1]) do
-		if rr.srv then records[#records + 1] = rr.srv; end
-	end
-	if #records == 1 and records[1].target == "." then
-		state.outcome = "no-tlsa";
-		state.note = "service explicitly unavailable (SRV target \".\")";
-		return state;
-	end
-	if #records == 0 then
-		-- secure denial of SRV: Prosody falls back to the domain itself on 5269
-		records = { { target = domain; port = 5269; priority = 0 } };
-	end
-	table.sort(records, function (a, b) return a.priority < b.priority; end);
 
-	local queries = {};
+	local queries, secure_targets = {}, {};
 	for _, rr in ipairs(records) do
 		local host = rr.target:gsub("%.$", ""):lower();
-		local t = { host = host; port = rr.port; addrs = {}; tlsa = {} };
+		local t = { host = host; port = rr.port; addrs = {}; tlsa = {}; direct = rr.direct };
 		state.targets[#state.targets + 1] = t;
-		queries[#queries + 1] = { host, "A" };
-		queries[#queries + 1] = { host, "AAAA" };
-		queries[#queries + 1] = { ("_%d._tcp.%s"):format(rr.port, host), "TLSA" };
+		if rr.secure then
+			secure_targets[#secure_targets + 1] = t;
+			queries[#queries + 1] = { host, "A" };
+			queries[#queries + 1] = { host, "AAAA" };
+			queries[#queries + 1] = { ("_%d._tcp.%s"):format(rr.port, host), "TLSA" };
+		else
+			t.status = "insecure"; -- from an unsigned SRV set: no DANE (RFC 7673 3.1)
+		end
 	end
-	local answers = lookup_all(queries);
-	local any_dane, any_insecure, usable, reasons = false, false, 0, {};
-	for i, t in ipairs(state.targets) do
+	local answers = #queries > 0 and lookup_all(queries) or {};
+	local any_dane, any_insecure, usable, reasons = false, insecure_srv, 0, {};
+	for i, t in ipairs(secure_targets) do
 		local a, aaaa, tlsa = answers[3 * i - 2], answers[3 * i - 1], answers[3 * i];
 		local a_st, a_why = dnssec_status(a[1], a[2]);
 		local aaaa_st, aaaa_why = dnssec_status(aaaa[1], aaaa[2]);
@@ -249,9 +262,12 @@ local function resolve(domain, lookup_all)
 			any_insecure = any_insecure or t.status == "insecure";
 		end
 	end
-	if usable == 0 then
+	for _, t in ipairs(state.targets) do
+		if t.status == "insecure" and not t.why then any_insecure = true; end
+	end
+	if #secure_targets > 0 and usable == 0 and not any_insecure then
 		local bogus = false;
-		for _, t in ipairs(state.targets) do bogus = bogus or t.status:match("^bogus") ~= nil; end
+		for _, t in ipairs(secure_targets) do bogus = bogus or t.status:match("^bogus") ~= nil; end
 		state.outcome = bogus and "bogus" or "resolution-error";
 		state.refuse = ("no usable target for %s: %s"):format(domain, table.concat(reasons, "; "));
 	elseif any_dane then
@@ -539,8 +555,9 @@ local function record_text(r)
 		SELECTORS[r.selector] or "?", MTYPES[r.mtype] or "?");
 end
 
--- Blocking STARTTLS (xmpp-server) to addr:port for domain; returns the chain as PEM strings.
-local function probe(addr, port, domain, from, timeout)
+-- Blocking STARTTLS (xmpp-server), or Direct TLS (xmpps-server), to addr:port for
+-- domain; returns the chain as PEM strings.
+local function probe(addr, port, domain, direct, timeout)
 	local socket = require "socket";
 	local ssl = require "ssl";
 	local conn = addr:find(":", 1, true) and socket.tcp6() or socket.tcp();
@@ -558,15 +575,17 @@ local function probe(addr, port, domain, from, timeout)
 		end
 		return true;
 	end
-	conn:send(("<?xml version='1.0'?><stream:stream xmlns='jabber:server' xmlns:stream='http://etherx.jabber.org/streams'"
-		.. " xmlns:db='jabber:server:dialback' to='%s'%s version='1.0'>"):format(domain, from and (" from='" .. from .. "'") or ""));
-	ok, err = read_until("</stream:features>");
-	if not ok then conn:close(); return nil, "no stream features: " .. tostring(err) .. " " .. buf:sub(-200); end
-	if not buf:find("urn:ietf:params:xml:ns:xmpp%-tls") then conn:close(); return nil, "the server does not offer STARTTLS"; end
-	conn:send("<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>");
-	buf = "";
-	ok, err = read_until("<proceed[^>]*>");
-	if not ok then conn:close(); return nil, "STARTTLS refused: " .. tostring(err) .. " " .. buf; end
+	if not direct then
+		conn:send(("<?xml version='1.0'?><stream:stream xmlns='jabber:server' xmlns:stream='http://etherx.jabber.org/streams'"
+			.. " xmlns:db='jabber:server:dialback' to='%s' version='1.0'>"):format(domain));
+		ok, err = read_until("</stream:features>");
+		if not ok then conn:close(); return nil, "no stream features: " .. tostring(err) .. " " .. buf:sub(-200); end
+		if not buf:find("urn:ietf:params:xml:ns:xmpp%-tls") then conn:close(); return nil, "the server does not offer STARTTLS"; end
+		conn:send("<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>");
+		buf = "";
+		ok, err = read_until("<proceed[^>]*>");
+		if not ok then conn:close(); return nil, "STARTTLS refused: " .. tostring(err) .. " " .. buf; end
+	end
 	local sconn, werr = ssl.wrap(conn, { mode = "client"; protocol = "any"; verify = "none"; options = { "all", "no_sslv2", "no_sslv3" } });
 	if not sconn then conn:close(); return nil, "TLS: " .. tostring(werr); end
 	sconn:sni(domain);
@@ -605,14 +624,15 @@ local function check(domain, lookup_all, say)
 	local policy = policy_for(domain);
 	say(("DANE check for %s (local policy: %s)"):format(domain, policy));
 	local state = resolve(domain, lookup_all);
-	say(("  SRV _xmpp-server._tcp.%s: %s"):format(domain, state.srv));
+	say(("  SRV _xmpps-server._tcp.%s (Direct TLS): %s"):format(domain, state.srv_direct or "not looked up"));
+	say(("  SRV _xmpp-server._tcp.%s: %s"):format(domain, state.srv or "not looked up"));
 	if state.note then say("  " .. state.note); end
 	for _, t in ipairs(state.targets) do
 		local addrs = {};
 		for a in pairs(t.addrs) do addrs[#addrs + 1] = a; end
 		table.sort(addrs);
-		say(("  target %s:%d  addresses %s  -> %s%s"):format(t.host, t.port, #addrs > 0 and table.concat(addrs, " ") or "(none)",
-			t.status, t.why and (": " .. t.why) or ""));
+		say(("  target %s:%d%s  addresses %s  -> %s%s"):format(t.host, t.port, t.direct and " (Direct TLS)" or "",
+			#addrs > 0 and table.concat(addrs, " ") or "(none)", t.status, t.why and (": " .. t.why) or ""));
 		local by_usage = {};
 		for i, r in ipairs(t.tlsa) do
 			say(("    TLSA #%d %s"):format(i, record_text(r)));
@@ -639,9 +659,10 @@ local function check(domain, lookup_all, say)
 			end
 			local chain, err;
 			for _, addr in ipairs(addrs) do
-				chain, err = probe(addr, t.port, domain, nil, options.check_timeout);
-				if chain then say(("    STARTTLS %s port %d: %d certificate(s)"):format(addr, t.port, #chain)); break; end
-				say(("    STARTTLS %s port %d failed: %s"):format(addr, t.port, err));
+				local how = t.direct and "Direct TLS" or "STARTTLS";
+				chain, err = probe(addr, t.port, domain, t.direct, options.check_timeout);
+				if chain then say(("    %s %s port %d: %d certificate(s)"):format(how, addr, t.port, #chain)); break; end
+				say(("    %s %s port %d failed: %s"):format(how, addr, t.port, err));
 			end
 			if not chain then
 				healthy = false;

@@ -113,6 +113,13 @@ def world(tmp_path_factory):
     bed.add("t-mixed-good", "A", B_ADDR)
     bed.add(f"_{b_port}._tcp.t-mixed-good", "TLSA", f"3 1 1 {ee}")
     domains.append("mixed.dane.example")
+    # Direct TLS (XEP-0368): Prosody tries _xmpps-server first
+    b_direct = tb.free_port()
+    for name, rec in (("direct", ee), ("direct-bad", tb.flip(ee))):
+        bed.add(f"_xmpps-server._tcp.{name}", "SRV", f"0 0 {b_direct} t-{name}.dane.example.")
+        bed.add(f"t-{name}", "A", B_ADDR)
+        bed.add(f"_{b_direct}._tcp.t-{name}", "TLSA", f"3 1 1 {rec}")
+        domains.append(f"{name}.dane.example")
     b2_port = tb.free_port()
     bed.add("_xmpp-server._tcp.notls", "SRV", f"0 0 {b2_port} t-notls.dane.example.")
     bed.add("t-notls", "A", B_ADDR)
@@ -130,7 +137,8 @@ def world(tmp_path_factory):
     b = S2SProsody(name="dane-B", s2s_port=b_port, s2s_interface=[B_ADDR, B_ADDR3], vhosts=domains,
                    modules=["tls", "dialback", "native_dane", "http_openmetrics"],
                    global_options=dict(common, dane_incoming=True, dane_cafile=False, statistics="internal",
-                                       statistics_interval="manual"))
+                                       statistics_interval="manual", s2s_direct_tls_ports=[b_direct],
+                                       s2s_direct_tls_interfaces=[B_ADDR]))
     # B2 offers no TLS at all: A must not talk to a domain with TLSA records in the clear
     b2 = S2SProsody(name="dane-B2", s2s_port=b2_port, s2s_interface=B_ADDR, vhosts=["notls.dane.example"],
                     modules=["dialback"], global_options=dict(common, s2s_require_encryption=False))
@@ -356,8 +364,21 @@ def test_a_target_with_bogus_tlsa_is_never_used_without_dane(world):
     assert re.search(r"DANE: refusing s2s connection to mixed\.dane\.example: TLSA records of .*t-mixed-bad", world["a"].log_text())
 
 
+def test_direct_tls_targets_are_verified_too(world):
+    assert_pong(world, "direct.dane.example")
+    assert re.search(r"DANE: direct\.dane\.example verified by TLSA 3 1 1 at depth 0 \(target t-direct\.dane\.example\)",
+                     world["a"].log_text())
+    assert_refused(world, "direct-bad.dane.example", r"DANE: certificate of t-direct-bad\.dane\.example does not match")
+    rc, out = dane_check(world["a"], "direct.dane.example")
+    assert rc == 0, out
+    assert "SRV _xmpps-server._tcp.direct.dane.example (Direct TLS): secure" in out, out
+    assert re.search(r"target t-direct\.dane\.example:\d+ \(Direct TLS\)  addresses 127\.0\.0\.2  -> dane", out), out
+    assert re.search(r"Direct TLS 127\.0\.0\.2 port \d+: 2 certificate\(s\)", out), out
+    assert "Result for direct.dane.example: DANE verified" in out, out
+
+
 def test_resolution_errors_are_refused_not_ignored(world):
-    assert_refused(world, "dead.dane.example", r"DANE: SRV lookup for _xmpp-server\._tcp\.dead\.dane\.example failed")
+    assert_refused(world, "dead.dane.example", r"DANE: SRV lookup for _xmpps?-server\._tcp\.dead\.dane\.example failed \(ServFail\)")
 
 
 def test_tlsa_without_tls_is_refused(world):
