@@ -555,47 +555,93 @@ local function record_text(r)
 		SELECTORS[r.selector] or "?", MTYPES[r.mtype] or "?");
 end
 
--- Blocking STARTTLS (xmpp-server), or Direct TLS (xmpps-server), to addr:port for
--- domain; returns the chain as PEM strings.
-local function probe(addr, port, domain, direct, timeout)
+-- STARTTLS (xmpp-server), or Direct TLS (xmpps-server), to addr:port for domain, on a
+-- non-blocking socket; wait(sock, "r"|"w", deadline) -> true | nil waits for it in the
+-- caller's way (select() in prosodyctl, async sleeps in the admin shell, so the server
+-- keeps running). Returns the presented chain as PEM strings.
+local function probe(addr, port, domain, direct, timeout, wait)
 	local socket = require "socket";
 	local ssl = require "ssl";
+	local deadline = socket.gettime() + timeout;
 	local conn = addr:find(":", 1, true) and socket.tcp6() or socket.tcp();
-	conn:settimeout(timeout);
+	conn:settimeout(0);
 	local ok, err = conn:connect(addr, port);
-	if not ok then conn:close(); return nil, "connect: " .. tostring(err); end
+	while not ok and err ~= "already connected" do
+		if err ~= "timeout" and err ~= "Operation already in progress" then
+			conn:close();
+			return nil, "connect: " .. tostring(err);
+		end
+		if not wait(conn, "w", deadline) then conn:close(); return nil, "connect: timed out"; end
+		ok, err = conn:connect(addr, port);
+	end
 	local buf = "";
+	local function send(data)
+		local i = 0;
+		while i < #data do
+			local sent, serr, last = conn:send(data, i + 1);
+			i = sent or last or i;
+			if not sent then
+				if serr ~= "timeout" then return nil, serr; end
+				if not wait(conn, "w", deadline) then return nil, "timed out"; end
+			end
+		end
+		return true;
+	end
 	local function read_until(pattern)
 		while not buf:find(pattern) do
-			local data, rerr, partial = conn:receive(1);
+			local data, rerr, partial = conn:receive(4096);
 			data = data or partial;
-			if not data or data == "" then return nil, rerr or "closed"; end
-			buf = buf .. data;
-			if #buf > 65536 then return nil, "too much data"; end
+			if data and data ~= "" then
+				buf = buf .. data;
+				if #buf > 65536 then return nil, "too much data"; end
+			elseif rerr == "timeout" then
+				if not wait(conn, "r", deadline) then return nil, "timed out"; end
+			else
+				return nil, rerr or "closed";
+			end
 		end
 		return true;
 	end
 	if not direct then
-		conn:send(("<?xml version='1.0'?><stream:stream xmlns='jabber:server' xmlns:stream='http://etherx.jabber.org/streams'"
+		ok, err = send(("<?xml version='1.0'?><stream:stream xmlns='jabber:server' xmlns:stream='http://etherx.jabber.org/streams'"
 			.. " xmlns:db='jabber:server:dialback' to='%s' version='1.0'>"):format(domain));
-		ok, err = read_until("</stream:features>");
+		if ok then ok, err = read_until("</stream:features>"); end
 		if not ok then conn:close(); return nil, "no stream features: " .. tostring(err) .. " " .. buf:sub(-200); end
 		if not buf:find("urn:ietf:params:xml:ns:xmpp%-tls") then conn:close(); return nil, "the server does not offer STARTTLS"; end
-		conn:send("<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>");
 		buf = "";
-		ok, err = read_until("<proceed[^>]*>");
+		ok, err = send("<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>");
+		if ok then ok, err = read_until("<proceed[^>]*>"); end
 		if not ok then conn:close(); return nil, "STARTTLS refused: " .. tostring(err) .. " " .. buf; end
 	end
 	local sconn, werr = ssl.wrap(conn, { mode = "client"; protocol = "any"; verify = "none"; options = { "all", "no_sslv2", "no_sslv3" } });
 	if not sconn then conn:close(); return nil, "TLS: " .. tostring(werr); end
 	sconn:sni(domain);
-	sconn:settimeout(timeout);
-	ok, err = sconn:dohandshake();
-	if not ok then sconn:close(); return nil, "TLS handshake: " .. tostring(err); end
+	sconn:settimeout(0);
+	repeat
+		ok, err = sconn:dohandshake();
+		if not ok then
+			if err ~= "wantread" and err ~= "wantwrite" then sconn:close(); return nil, "TLS handshake: " .. tostring(err); end
+			if not wait(sconn, err == "wantread" and "r" or "w", deadline) then sconn:close(); return nil, "TLS handshake: timed out"; end
+		end
+	until ok;
 	local pems = {};
 	for i, c in ipairs(sconn:getpeerchain() or {}) do pems[i] = c:pem(); end
 	sconn:close();
 	return pems;
+end
+
+local function select_wait(sock, mode, deadline)
+	local socket = require "socket";
+	local left = deadline - socket.gettime();
+	if left <= 0 then return nil; end
+	socket.select(mode == "r" and { sock } or nil, mode == "w" and { sock } or nil, math.min(left, 1));
+	return true;
+end
+
+local function async_wait(_, _, deadline)
+	if require "socket".gettime() >= deadline then return nil; end
+	async.sleep(0.005);
+	return true;
 end
 
 local function local_cert_suggestion(domain, say)
@@ -617,7 +663,7 @@ local function local_cert_suggestion(domain, say)
 end
 
 -- Runs the check, printing with say(); returns true when DANE (or its absence) is in order.
-local function check(domain, lookup_all, say)
+local function check(domain, lookup_all, wait, say)
 	domain = domain:lower();
 	local healthy, warnings = true, 0;
 	local function warn(fmt, ...) warnings = warnings + 1; say("  WARNING: " .. fmt:format(...)); end
@@ -660,7 +706,7 @@ local function check(domain, lookup_all, say)
 			local chain, err;
 			for _, addr in ipairs(addrs) do
 				local how = t.direct and "Direct TLS" or "STARTTLS";
-				chain, err = probe(addr, t.port, domain, t.direct, options.check_timeout);
+				chain, err = probe(addr, t.port, domain, t.direct, options.check_timeout, wait);
 				if chain then say(("    %s %s port %d: %d certificate(s)"):format(how, addr, t.port, #chain)); break; end
 				say(("    %s %s port %d failed: %s"):format(how, addr, t.port, err));
 			end
@@ -717,7 +763,7 @@ function module.command(arg)
 	end
 	local ok, err = check_resolver();
 	if not ok then print("WARNING: " .. err); end
-	return check(domain, sync_lookup_all, print) and 0 or 1;
+	return check(domain, sync_lookup_all, select_wait, print) and 0 or 1;
 end
 
 -- Admin shell (0.12): dane:check(domain), dane:show() ------------------------------------
@@ -728,7 +774,7 @@ local shell = {};
 function shell:check(domain)
 	if type(domain) ~= "string" then return nil, "usage: dane:check(\"domain\")"; end
 	local print = self.session.print;
-	local ok = check(domain, async_lookup_all, print);
+	local ok = check(domain, async_lookup_all, async_wait, print);
 	return ok, ok and "DANE check passed" or "DANE check found problems";
 end
 

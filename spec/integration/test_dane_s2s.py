@@ -8,6 +8,8 @@ admin shell: a pong means the connection was allowed, a bounce must carry the DA
 """
 
 import re
+import socket
+import threading
 
 import pytest
 
@@ -100,6 +102,14 @@ def world(tmp_path_factory):
     scenario("reloadreq")
     scenario("afterreload", [f"3 1 1 {ee}"])
     scenario("select-ee", [f"3 1 1 {ee}"])
+    scenario("cached", [f"3 1 1 {ee}"])
+    # a server that accepts and then says nothing, for as long as the spec wants
+    tarpit = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    tarpit.bind(("127.0.0.1", 0))
+    tarpit.listen(4)
+    bed.add("_xmpp-server._tcp.tarpit", "SRV", f"0 0 {tarpit.getsockname()[1]} t-tarpit.dane.example.")
+    bed.add("t-tarpit", "A", "127.0.0.1")
+    bed.add(f"_{tarpit.getsockname()[1]}._tcp.t-tarpit", "TLSA", f"3 1 1 {ee}")
     scenario("select-mismatch", [f"3 1 1 {tb.flip(ee)}"])
     scenario("requnusable", [f"4 1 1 {ee}"])
     bed.add_insecure("_xmpp-server._tcp", "SRV", f"0 0 {b_port} xmpp.insecure.dane.example.")
@@ -154,13 +164,14 @@ def world(tmp_path_factory):
         b.start()
         b2.start()
         a.start()
-        yield {"a": a, "a2": a2, "b": b, "b2": b2, "bed": bed, "pki": pki}
+        yield {"a": a, "a2": a2, "b": b, "b2": b2, "bed": bed, "pki": pki, "tarpit": tarpit}
     finally:
         for s in (a, a2, b, b2):
             s.stop()
         bed.stop()
         for s in (a, a2, b, b2):
             s.cleanup()
+        tarpit.close()
 
 
 def assert_pong(world, domain):
@@ -325,6 +336,8 @@ def test_check_command_suggests_a_record_for_the_local_certificate(world):
 
 
 def test_check_from_the_admin_shell(world):
+    for domain in ("mismatch.dane.example", "bogussrv.dane.example"):
+        ping(world["a"], domain)
     out = world["a"].shell('dane:check("c311.dane.example")', timeout=60, check=False)
     assert "TLSA #1 matches (depth 0)" in out and "OK: DANE check passed" in out, out
     out = world["a"].shell("dane:show()", check=False)
@@ -375,6 +388,37 @@ def test_direct_tls_targets_are_verified_too(world):
     assert re.search(r"target t-direct\.dane\.example:\d+ \(Direct TLS\)  addresses 127\.0\.0\.2  -> dane", out), out
     assert re.search(r"Direct TLS 127\.0\.0\.2 port \d+: 2 certificate\(s\)", out), out
     assert "Result for direct.dane.example: DANE verified" in out, out
+
+
+def test_a_second_connection_reuses_the_dane_decision(world):
+    a = world["a"]
+    assert_pong(world, "cached.dane.example")
+    a.shell(f's2s:close("{SENDER}", "cached.dane.example")')
+    a.shell(f's2s:close("cached.dane.example", "{SENDER}")')
+    assert_pong(world, "cached.dane.example")
+    log = a.log_text()
+    # two connections, each verified, but the module asked for the TLSA records once (Prosody itself never does)
+    assert len(re.findall(r"DANE: cached\.dane\.example verified by TLSA", log)) == 2, log[-3000:]
+    assert len(re.findall(r"Resolve _\d+\._tcp\.t-cached\.dane\.example IN TLSA", log)) == 1, log[-3000:]
+
+
+def test_the_shell_check_does_not_freeze_the_server(world):
+    a, tarpit = world["a"], world["tarpit"]
+    result = {}
+    checker = threading.Thread(target=lambda: result.update(
+        out=a.shell('dane:check("tarpit.dane.example")', timeout=60, check=False)))
+    checker.start()
+    tarpit.settimeout(30)
+    conn, _ = tarpit.accept()  # the check is now waiting for stream features that never come
+    try:
+        # the server still answers while the check waits
+        assert a.shell_result("1 + 1") == "2"
+        assert checker.is_alive()
+    finally:
+        conn.close()
+    checker.join(60)
+    assert "STARTTLS 127.0.0.1 port" in result["out"] and "failed: no stream features" in result["out"], result
+    assert "Result for tarpit.dane.example: DANE FAILED" in result["out"], result
 
 
 def test_resolution_errors_are_refused_not_ignored(world):
