@@ -66,6 +66,10 @@ local function read_options()
 	if type(o.cache_ttl) ~= "number" or o.cache_ttl < 0 or o.cache_ttl > 86400 then
 		option_error("dane_cache_ttl", o.cache_ttl, "a number of seconds from 0 to 86400");
 	end
+	o.resolve_timeout = module:get_option("dane_resolve_timeout", 30);
+	if type(o.resolve_timeout) ~= "number" or o.resolve_timeout <= 0 or o.resolve_timeout > 600 then
+		option_error("dane_resolve_timeout", o.resolve_timeout, "a number of seconds from 0 to 600");
+	end
 	o.check_timeout = module:get_option("dane_check_timeout", 10);
 	if type(o.check_timeout) ~= "number" or o.check_timeout <= 0 or o.check_timeout > 300 then
 		option_error("dane_check_timeout", o.check_timeout, "a number of seconds from 0 to 300");
@@ -335,6 +339,15 @@ local function start_resolution(domain)
 				refuse = ("internal error resolving %s"):format(domain) });
 		end;
 	});
+	local queue = waiting[domain];
+	-- libunbound retries a silent server for minutes: stanzas must not wait that long
+	module:add_timer(options.resolve_timeout, function ()
+		if waiting[domain] == queue then
+			module:log("warn", "DANE resolution of %s timed out after %gs", domain, options.resolve_timeout);
+			resolved(domain, { domain = domain; targets = {}; outcome = "resolution-error";
+				refuse = ("DNS resolution of %s timed out"):format(domain) });
+		end
+	end);
 	runner:run(domain);
 end
 

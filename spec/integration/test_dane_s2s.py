@@ -442,3 +442,23 @@ def test_metrics_count_each_outcome(world):
     assert re.search(r"^prosody_mod_native_dane__verify_duration_seconds_count [1-9]", out, re.M), out
     out = scrape(world["b"])
     assert re.search(r'^prosody_mod_native_dane__incoming_outcomes_total\{outcome="verified"\} [1-9]', out, re.M), out
+
+
+def test_a_silent_resolver_bounces_after_the_resolve_timeout(world):
+    # a "resolver" that reads queries and never answers: libunbound would retry for minutes
+    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    silent.bind(("127.0.0.1", 0))
+    unbound = {"resolvconf": False, "hoststxt": False, "forward": f"127.0.0.1@{silent.getsockname()[1]}",
+               "trusted": world["bed"].trust_anchor}
+    srv = S2SProsody(name="dane-silent", s2s_port=tb.free_port(), s2s_interface="127.0.0.1", vhosts=[SENDER],
+                     modules=["tls", "dialback", "native_dane"],
+                     global_options={"unbound": unbound, "dane_resolve_timeout": 1})
+    try:
+        srv.start()
+        out = ping(srv, "c311.dane.example", timeout=20)
+        assert "pong" not in out and "DANE: DNS resolution of c311.dane.example timed out" in out, out
+        assert "DANE resolution of c311.dane.example timed out after 1s" in srv.log_text()
+    finally:
+        srv.stop()
+        srv.cleanup()
+        silent.close()
