@@ -162,6 +162,12 @@ async function stepFragment(browser) {
 	await c.shot("04-fragment-other-room.png");
 	await c.close();
 
+	// A bare room name means a room on this server's MUC service.
+	const g = await new Visitor(browser, "G").open("#other");
+	const room3 = await g.joined();
+	check("a bare room name in the fragment is a room on this server", room3 === "other@conference.localhost", room3);
+	await g.close();
+
 	// Percent-encoded fragment, as a link from another page or a mail client would carry it.
 	const e = await new Visitor(browser, "E").open("#caf%C3%A9-help%40conference.localhost");
 	const room2 = await e.joined();

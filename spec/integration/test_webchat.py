@@ -347,7 +347,14 @@ def test_ctrl_c_stops_cleanly_and_a_second_run_reuses_the_data(demo, exchanged):
 
     # A late joiner sees the earlier messages: the restart emptied every in-memory history, so they came from the
     # room's archive (mod_muc_mam on mod_storage_native).
+    before = len(demo.log())
     assert_step(browser_step(demo, "late", "--tokens", ",".join(exchanged["tokens"])))
+    # converse.js asks a MAM-enabled room for no join history (maxstanzas=0) and queries the archive instead.
+    late_log = demo.log()[before:]
+    assert re.search(r"conference\.localhost:muc_mam\tdebug\tArchive query by \S+@anon\.localhost", late_log)
+    returned = [int(n) for n in re.findall(r"conference\.localhost:muc_mam\tdebug\tArchive query id=\S+ completed, "
+                                           r"(\d+) items returned", late_log)]
+    assert returned and max(returned) >= len(exchanged["tokens"]), returned
     assert (SHOTS / "07-late-joiner-history.png").stat().st_size > 0
 
 
