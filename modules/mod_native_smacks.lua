@@ -123,6 +123,7 @@ local old_sessions = module:open_store("smacks_h"); -- user -> { token = { h, t 
 local old_session_map = module:open_store("smacks_h", "map");
 local mam_clients = module:open_store("smacks_mam_clients", "map"); -- user, resource -> last MAM query time
 local hibernating_count = 0;
+local hibernation_seq = 0;
 
 local KIND = { message = 1, presence = 2, iq = 3 };
 
@@ -947,7 +948,7 @@ local function enforce_hibernation_cap(username)
 		if s.hibernating and s.resumption_token and not s.destroyed then list[#list+1] = s; end
 	end
 	if #list <= max_hibernated then return; end
-	table.sort(list, function (a, b) return a.hibernating < b.hibernating; end);
+	table.sort(list, function (a, b) return (a.native_smacks_hibernated or 0) < (b.native_smacks_hibernated or 0); end);
 	for i = 1, #list - max_hibernated do
 		ev_evicted:add(1);
 		expire(list[i], "Too many hibernating sessions");
@@ -968,6 +969,8 @@ module:hook("pre-resource-unbind", function (event)
 	if session.hibernating then return true; end
 
 	session.hibernating = os.time();
+	hibernation_seq = hibernation_seq + 1;
+	session.native_smacks_hibernated = hibernation_seq; -- orders sessions within the same second
 	session.awaiting_ack = nil;
 	stop_ack_timers(session);
 	session.native_smacks_hibernating = true;
@@ -1124,7 +1127,7 @@ module:hook_global("server-stopping", function (event)
 	end
 end, -90);
 
-module:hook("stats-update", function ()
+module:hook_global("stats-update", function ()
 	m_memory:set(engine.memory());
 end);
 

@@ -114,6 +114,9 @@ def test_events_carry_the_queue_as_other_modules_read_it(prosody_factory):
     wait_hibernating(server, user)
     send_chat(sender, c.jid, ["second"], "late")
     got = wait_events(server, lambda e: any(x.startswith("queued:") for x in e))
+    m = metrics(server)
+    assert m["hibernating_sessions"] == 1, m
+    assert 2 * 100 < m["queue_memory_bytes"] < 2 * 2000, m  # two small messages held in the engine
     r, resp = resume(server, user, c.sm["id"], 0)
     assert "<resumed" in resp
     bodies = re.findall(r"<body>([^<]*)</body>", r.read_until(r"second.*?</message>"))
