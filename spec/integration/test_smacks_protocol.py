@@ -495,6 +495,8 @@ def test_refuses_to_load_next_to_core_mod_smacks(prosody_factory):
     ("smacks_max_queue_size", 0), ("smacks_hibernation_time", "soon"), ("smacks_min_hibernation_time", 1000),
     ("smacks_max_ack_delay", -1), ("smacks_ack_timeout", "x"), ("smacks_max_hibernated_sessions", 1.5),
     ("smacks_enabled_s2s", "yes"), ("smacks_debug_initial_h", 4294967296), ("smacks_max_old_sessions", -2),
+    ("smacks_old_sessions_ttl", 0), ("smacks_offline_retries", "many"), ("smacks_s2s_resend", 1),
+    ("smacks_max_unacked_stanzas", -1), ("smacks_max_inactive_unacked_stanzas", 0.5),
 ])
 def test_bad_option_values_are_refused_with_their_name(prosody_factory, option, value):
     server = prosody_factory(global_options={option: value}, **SMACKS)
@@ -504,3 +506,31 @@ def test_bad_option_values_are_refused_with_their_name(prosody_factory, option, 
     features = authenticate(c, new_user(server))
     assert SM3 not in features
     c.close()
+
+
+def test_expired_ids_are_remembered_for_a_bounded_time(prosody_factory):
+    server = smacks_server(prosody_factory, smacks_hibernation_time=1, smacks_min_hibernation_time=1,
+                           smacks_old_sessions_ttl=4)
+    user = new_user(server)
+    c = sm_client(server, user)
+    c.send("<presence/>")
+    c.send(f"<r xmlns='{SM3}'/>")
+    c.read_until(r"<a\b[^>]*/>")
+    drop(c)
+    deadline = time.monotonic() + 10
+    while server.shell_result("return prosody.full_sessions['%s@localhost/phone'] and 'here' or 'gone'" % user) != "gone":
+        assert time.monotonic() < deadline, "never expired"
+        time.sleep(0.1)
+    expired_at = time.monotonic()
+    r, resp = resume(server, user, c.sm["id"], 0)
+    assert re.search(r"<failed\b[^>]*\bh='1'", resp) and "<item-not-found" in resp, resp
+    r.close()
+    # the record outlives a failed resume (mod_smacks forgets it at once) ...
+    r, resp = resume(server, user, c.sm["id"], 0)
+    assert re.search(r"<failed\b[^>]*\bh='1'", resp), resp
+    r.close()
+    # ... but not smacks_old_sessions_ttl
+    time.sleep(max(0, expired_at + 5.5 - time.monotonic()))
+    r, resp = resume(server, user, c.sm["id"], 0)
+    assert re.search(rf"<failed xmlns='{SM3}'><item-not-found xmlns='{STANZAS}'/></failed>", resp), resp
+    r.close()
