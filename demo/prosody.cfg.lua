@@ -57,6 +57,8 @@ VirtualHost "anon.localhost"
 	modules_enabled = { "native_webchat"; "native_limits" }
 	-- Every demo visitor comes from 127.0.0.1, normally exempt: limit it, so a flood shows.
 	native_limits_exempt_loopback = false
+	-- A closed tab's session (and its place in the room) lasts a minute, not ten.
+	smacks_hibernation_time = 60
 	webchat_room = "support@conference.localhost"
 	webchat_room_name = "Support"
 	webchat_title = "prosody-native support chat"

@@ -304,7 +304,7 @@ def test_two_visitors_land_in_support_and_exchange_messages(demo, exchanged):
         assert archived_in_support(demo, token) == 1, f"{token} is not in the room's archive"
     # converse.js enabled stream management, served by mod_native_smacks (core mod_smacks is disabled).
     enabled = re.findall(r"Sending\[c2s\]: (<enabled [^>]*>)", demo.log())
-    assert any("xmlns='urn:xmpp:sm:3'" in tag and "resume='true'" in tag for tag in enabled), enabled
+    assert any("xmlns='urn:xmpp:sm:3'" in tag and "resume='true'" in tag and "max='60'" in tag for tag in enabled), enabled
     _, _, body = http_get(demo.base + "/metrics")
     assert "prosody_mod_native_smacks__" in body.decode() and "prosody_mod_smacks__" not in body.decode()
 
