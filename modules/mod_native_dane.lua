@@ -13,6 +13,7 @@ local async = require "util.async";
 local promise = require "util.promise";
 local configmanager = require "core.configmanager";
 local hex = require "util.hex";
+local pton = require "util.net".pton;
 local engine = module:require("prosody_native_loader").load("dane");
 
 local POLICIES = { required = true; opportunistic = true; off = true };
@@ -52,7 +53,10 @@ local function read_options()
 	if cafile ~= false and type(cafile) ~= "string" then
 		option_error("dane_cafile", cafile, "a file of trusted CA certificates, or false");
 	end
-	if cafile == default_ca and not io.open(default_ca) then cafile = false; end
+	if cafile == default_ca then
+		local fh = io.open(default_ca);
+		if fh then fh:close(); else cafile = false; end
+	end
 	o.cafile = cafile or nil;
 	o.ee_namechecks = module:get_option("dane_ee_namechecks", false);
 	if type(o.ee_namechecks) ~= "boolean" then
@@ -235,8 +239,9 @@ local function resolve(domain, lookup_all)
 		local a_st, a_why = dnssec_status(a[1], a[2]);
 		local aaaa_st, aaaa_why = dnssec_status(aaaa[1], aaaa[2]);
 		local tlsa_st, tlsa_why = dnssec_status(tlsa[1], tlsa[2]);
-		for _, rr in ipairs(a[1] or {}) do if rr.a then t.addrs[rr.a] = true; end end
-		for _, rr in ipairs(aaaa[1] or {}) do if rr.aaaa then t.addrs[rr.aaaa] = true; end end
+		-- keyed by the binary address, so that any textual form of the peer's matches
+		for _, rr in ipairs(a[1] or {}) do if rr.a then t.addrs[pton(rr.a) or rr.a] = rr.a; end end
+		for _, rr in ipairs(aaaa[1] or {}) do if rr.aaaa then t.addrs[pton(rr.aaaa) or rr.aaaa] = rr.aaaa; end end
 		if a_st == "bogus" or aaaa_st == "bogus" then
 			t.status, t.why = "bogus-address", ("address records of %s are bogus (%s)"):format(t.host, a_st == "bogus" and a_why or aaaa_why);
 		elseif a_st == "error" and aaaa_st == "error" then
@@ -473,10 +478,13 @@ local function check_certificate(event)
 	local ip, port;
 	if sock and sock.getpeername then ip, port = sock:getpeername(); end
 	ip = ip or session.conn:ip();
+	local key = ip and (pton(ip) or ip);
 	-- the targets this connection reached (Prosody chose one of the SRV targets)
 	local records, base, names, skipped, nondane = {}, nil, { session.to_host }, nil, nil;
+	local all_dane = true;
 	for _, t in ipairs(state.targets) do
-		if t.addrs[ip] and (not port or tonumber(port) == t.port) then
+		if not t.why and t.status ~= "dane" then all_dane = false; end
+		if key and t.addrs[key] and (not port or tonumber(port) == t.port) then
 			if t.why then
 				skipped = skipped or t.why;
 			elseif t.status == "dane" then
@@ -489,6 +497,12 @@ local function check_certificate(event)
 	end
 	if skipped and not base then
 		return refuse_session(session, "bogus", skipped);
+	end
+	if not base and not nondane and all_dane then
+		-- every usable target has TLSA records, yet this address is none of theirs
+		m_outcome:with_labels("mismatch"):add(1);
+		return refuse_session(session, "unmatched-address",
+			("connected to %s, which is not an address of any DNSSEC-validated target"):format(tostring(ip)));
 	end
 	if not base then
 		m_outcome:with_labels(nondane and "no-tlsa" or "insecure"):add(1);
@@ -688,7 +702,7 @@ local function check(domain, lookup_all, wait, say)
 	if state.note then say("  " .. state.note); end
 	for _, t in ipairs(state.targets) do
 		local addrs = {};
-		for a in pairs(t.addrs) do addrs[#addrs + 1] = a; end
+		for _, a in pairs(t.addrs) do addrs[#addrs + 1] = a; end
 		table.sort(addrs);
 		say(("  target %s:%d%s  addresses %s  -> %s%s"):format(t.host, t.port, t.direct and " (Direct TLS)" or "",
 			#addrs > 0 and table.concat(addrs, " ") or "(none)", t.status, t.why and (": " .. t.why) or ""));

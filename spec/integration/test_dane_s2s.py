@@ -103,6 +103,14 @@ def world(tmp_path_factory):
     scenario("afterreload", [f"3 1 1 {ee}"])
     scenario("select-ee", [f"3 1 1 {ee}"])
     scenario("cached", [f"3 1 1 {ee}"])
+    # IPv6 only, on ::1
+    bed.add("_xmpp-server._tcp.v6", "SRV", f"0 0 {b_port} t-v6.dane.example.")
+    bed.add("t-v6", "AAAA", "::1")
+    bed.add(f"_{b_port}._tcp.t-v6", "TLSA", f"3 1 1 {ee}")
+    bed.add("_xmpp-server._tcp.v6-bad", "SRV", f"0 0 {b_port} t-v6-bad.dane.example.")
+    bed.add("t-v6-bad", "AAAA", "::1")
+    bed.add(f"_{b_port}._tcp.t-v6-bad", "TLSA", f"3 1 1 {tb.flip(ee)}")
+    domains += ["v6.dane.example", "v6-bad.dane.example"]
     # a server that accepts and then says nothing, for as long as the spec wants
     tarpit = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     tarpit.bind(("127.0.0.1", 0))
@@ -144,7 +152,7 @@ def world(tmp_path_factory):
     common = {"unbound": unbound, "ssl": {"certificate": pki["chain"], "key": pki["key"]},
               "s2s_require_encryption": True, "s2s_secure_auth": False}
     # B authenticates A by A's own TLSA records (incoming DANE), which lets A use SASL EXTERNAL
-    b = S2SProsody(name="dane-B", s2s_port=b_port, s2s_interface=[B_ADDR, B_ADDR3], vhosts=domains,
+    b = S2SProsody(name="dane-B", s2s_port=b_port, s2s_interface=[B_ADDR, B_ADDR3, "::1"], vhosts=domains,
                    modules=["tls", "dialback", "native_dane", "http_openmetrics"],
                    global_options=dict(common, dane_incoming=True, dane_cafile=False, statistics="internal",
                                        statistics_interval="manual", s2s_direct_tls_ports=[b_direct],
@@ -419,6 +427,12 @@ def test_the_shell_check_does_not_freeze_the_server(world):
     checker.join(60)
     assert "STARTTLS 127.0.0.1 port" in result["out"] and "failed: no stream features" in result["out"], result
     assert "Result for tarpit.dane.example: DANE FAILED" in result["out"], result
+
+
+def test_ipv6_targets_are_matched_and_verified(world):
+    assert_pong(world, "v6.dane.example")
+    assert "DANE: v6.dane.example verified by TLSA 3 1 1 at depth 0 (target t-v6.dane.example)" in world["a"].log_text()
+    assert_refused(world, "v6-bad.dane.example", r"DANE: certificate of t-v6-bad\.dane\.example does not match")
 
 
 def test_resolution_errors_are_refused_not_ignored(world):
