@@ -27,6 +27,7 @@ build = {
 		mod_native_smacks = "modules/mod_native_smacks.lua";
 		mod_native_dane = "modules/mod_native_dane.lua";
 		mod_native_limits = "modules/mod_native_limits.lua";
+		mod_native_webchat = "modules/mod_native_webchat.lua";
 		-- Found by module:require("prosody_native_loader") in the installer tree.
 		prosody_native_loader = "modules/prosody_native_loader.lib.lua";
 		storage_native_import = "modules/storage_native_import.lib.lua";
