@@ -79,7 +79,10 @@ class Receiver(threading.Thread):
         self.parser.Parse(self.c.buf.encode())
         self.c.sock.settimeout(None)
         while not self.done.is_set():
-            data = self.c.sock.recv(65536)
+            try:
+                data = self.c.sock.recv(65536)
+            except OSError:  # closed by the main thread once everything arrived
+                break
             if not data:
                 break
             self.parser.Parse(data)

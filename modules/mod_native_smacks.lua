@@ -305,7 +305,10 @@ end
 local function record_out(stanza, session)
 	if stanza.name == "message" and not stanza.attr.xmlns and not session.hibernating and session.host == host then
 		local username = session.username;
-		if username and sm_users[username] then
+		local user = username and sm_users[username] and local_sessions[username];
+		-- a user's only session: no other session can have this message queued
+		local sessions = user and user.sessions;
+		if sessions and next(sessions, (next(sessions))) ~= nil then
 			local inner = carbon_inner(stanza);
 			local key = message_key(inner or stanza);
 			if key then record_delivery(username, key, session); end
