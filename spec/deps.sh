@@ -4,7 +4,7 @@
 # when run as root; otherwise says exactly what to install.
 set -eu
 pkgs="build-essential pkg-config lua5.4 liblua5.4-dev luarocks lua-busted libsqlite3-dev sqlite3 libssl-dev
-      prosody lua-dbi-sqlite3 lua-unbound python3 python3-pytest python3-slixmpp
+      prosody prosody-modules lua-dbi-sqlite3 lua-unbound python3 python3-pytest python3-slixmpp
       nsd unbound ldnsutils bind9-dnsutils
       nodejs chromium-headless-shell dns-root-data"
 missing=""
