@@ -578,13 +578,14 @@ static int push_element_mt(lua_State *L, archive_db *a) {
  * fsyncs the WAL) and keeps checkpoint I/O off the caller's thread in both modes. */
 /* A passive checkpoint never blocks the writer, but while appends keep coming the WAL
  * is never entirely copied back, so SQLite never rewinds it and it grows without end.
- * Past WAL_RESET_FRAMES a truncating checkpoint makes the writer wait for the short
- * final copy (its busy handler, then the shim's retries), and the WAL starts over. */
+ * Past WAL_RESET_FRAMES a restarting checkpoint makes the writer wait for the short
+ * final copy (its busy handler, then the shim's retries), and the WAL starts over from
+ * its beginning (journal_size_limit trims the file then). */
 static void checkpoint(sqlite3 *db) {
 	int frames = 0, copied = 0;
 	sqlite3_wal_checkpoint_v2(db, NULL, SQLITE_CHECKPOINT_PASSIVE, &frames, &copied);
 	if(frames > WAL_RESET_FRAMES)
-		sqlite3_wal_checkpoint_v2(db, NULL, SQLITE_CHECKPOINT_TRUNCATE, NULL, NULL);
+		sqlite3_wal_checkpoint_v2(db, NULL, SQLITE_CHECKPOINT_RESTART, NULL, NULL);
 }
 
 /* The checkpointer's busy handler: a busy writer holds its lock for microseconds at a
@@ -1669,8 +1670,8 @@ static int delete_owner(lua_State *L, archive_db *a, struct query q, sqlite3_int
 		now = pn_monotonic();
 		if(now >= deadline)
 			return 1;
-		/* keep a third of what is left for the COMMIT */
-		fits = (deadline - now) * 0.66 / ((now - started) / got + 1e-9);
+		/* the COMMIT writes every page the batches dirtied: leave it most of what is left */
+		fits = (deadline - now) * 0.4 / ((now - started) / got + 1e-9);
 		if(fits < 8)
 			return 1;
 		batch = fits > 2048 ? 2048 : (int)fits;

@@ -49,7 +49,7 @@ db_path = resolve_relative_path(prosody.paths.data, db_path);
 local durability = choice_option("storage_native_durability", "normal", { normal = true, full = true });
 local sync_interval = number_option("storage_native_sync_interval", 1, 0.001, 3600);
 local busy_timeout = number_option("storage_native_busy_timeout", 5000, 0, 600000, true);
-local slice = number_option("storage_native_delete_slice", 0.01, 0.001, 10);
+local slice = number_option("storage_native_delete_slice", 0.005, 0.001, 10);
 local item_limit = number_option("storage_archive_item_limit", nil, 0, 2^53, true);
 local delegate_name = module:get_option_string("storage_native_delegate", "internal");
 if delegate_name == "native" then
