@@ -19,11 +19,7 @@ local engine = module:require("prosody_native_loader").load("dane");
 local POLICIES = { required = true; opportunistic = true; off = true };
 
 -- Options: each is checked here, so a bad value stops the module with its name.
-local function option_error(name, value, expected)
-	local msg = ("option '%s' must be %s, not %q"):format(name, expected, tostring(value));
-	module:log_status("error", "%s", msg);
-	error(msg, 0);
-end
+local option_error = module:require("prosody_native_options").fail;
 
 local function policy_value(name, value)
 	if not POLICIES[value] then

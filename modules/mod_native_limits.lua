@@ -18,26 +18,8 @@ local xmlns_sasl = "urn:ietf:params:xml:ns:xmpp-sasl";
 
 -- ---------------------------------------------------------------- options
 
-local function option_error(name, value, expected)
-	local msg = ("option '%s' must be %s, not %q"):format(name, expected, tostring(value));
-	module:log_status("error", "%s", msg);
-	error(msg, 0);
-end
-
-local function boolean_option(name, default)
-	local value = module:get_option(name, default);
-	if type(value) ~= "boolean" then option_error(name, value, "true or false"); end
-	return value;
-end
-
-local function number_option(name, default, min, max, integer)
-	local value = module:get_option(name, default);
-	if type(value) == "string" then value = tonumber(value) or value; end
-	if type(value) ~= "number" or value ~= value or value < min or value > max or (integer and value % 1 ~= 0) then
-		option_error(name, value, ("a%s number from %s to %s"):format(integer and "n integer" or "", min, max));
-	end
-	return value;
-end
+local options = module:require("prosody_native_options");
+local option_error, boolean_option, number_option = options.fail, options.boolean, options.number;
 
 local units = { s = 1, sec = 1, second = 1, seconds = 1, m = 60, min = 60, minute = 60, minutes = 60,
 	h = 3600, hour = 3600, hours = 3600, d = 86400, day = 86400, days = 86400 };

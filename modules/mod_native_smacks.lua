@@ -47,29 +47,8 @@ end
 
 -- ---------------------------------------------------------------- options
 
-local function option_error(name, value, expected)
-	local msg = ("option '%s' must be %s, not %q"):format(name, expected, tostring(value));
-	module:log_status("error", "%s", msg);
-	error(msg, 0);
-end
-
-local function number_option(name, default, min, max, integer)
-	local value = module:get_option(name, default);
-	if type(value) == "string" then value = tonumber(value) or value; end
-	if type(value) ~= "number" or value ~= value or value < min or value > max
-	or (integer and value % 1 ~= 0) then
-		option_error(name, value, ("a%s number from %s to %s"):format(integer and "n integer" or "", min, max));
-	end
-	return integer and math.tointeger(value) or value;
-end
-
-local function boolean_option(name, default)
-	local value = module:get_option(name, default);
-	if type(value) ~= "boolean" then
-		option_error(name, value, "true or false");
-	end
-	return value;
-end
+local options = module:require("prosody_native_options");
+local option_error, number_option, boolean_option = options.fail, options.number, options.boolean;
 
 local DAY = 86400;
 local resume_timeout = number_option("smacks_hibernation_time", 600, 1, 365 * DAY);

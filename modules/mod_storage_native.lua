@@ -13,33 +13,8 @@ local host = module.host;
 local store_host = host == "*" and "" or host;
 
 -- Options: each is checked here, so a bad value stops the module with its name.
-local function option_error(name, value, expected)
-	local msg = ("option '%s' must be %s, not %q"):format(name, expected, tostring(value));
-	module:log_status("error", "%s", msg);
-	error(msg, 0);
-end
-
-local function number_option(name, default, min, max, integer)
-	local value = module:get_option(name, default);
-	if value == nil then return nil; end
-	if type(value) == "string" then value = tonumber(value) or value; end
-	if type(value) ~= "number" or value ~= value or value < min or value > max
-	or (integer and value % 1 ~= 0) then
-		option_error(name, value, ("a%s number from %s to %s"):format(integer and "n integer" or "", min, max));
-	end
-	return value;
-end
-
-local function choice_option(name, default, choices)
-	local value = module:get_option(name, default);
-	if not choices[value] then
-		local list = {};
-		for k in pairs(choices) do list[#list+1] = ("%q"):format(k); end
-		table.sort(list);
-		option_error(name, value, "one of " .. table.concat(list, ", "));
-	end
-	return value;
-end
+local options = module:require("prosody_native_options");
+local option_error, number_option, choice_option = options.fail, options.number, options.choice;
 
 local db_path = module:get_option("storage_native_path", "prosody-native.sqlite");
 if type(db_path) ~= "string" or db_path == "" then

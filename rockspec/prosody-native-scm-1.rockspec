@@ -31,6 +31,7 @@ build = {
 		-- Found by module:require("prosody_native_loader") in the installer tree.
 		prosody_native_loader = "modules/prosody_native_loader.lib.lua";
 		storage_native_import = "modules/storage_native_import.lib.lua";
+		prosody_native_options = "modules/prosody_native_options.lib.lua";
 		["prosody_native.smqueue"] = {
 			sources = { "csrc/smqueue.c" };
 			incdirs = { "csrc" };
