@@ -64,7 +64,8 @@ local m_append, m_find, m_delete = op_seconds:with_labels("append"), op_seconds:
 local m_items = module:metric("gauge", "items", "", "Items in the archive database (all hosts)", {});
 local m_bytes = module:metric("gauge", "database_size", "bytes", "Size of the archive database file", {});
 local m_errors = module:metric("counter", "errors", "", "Engine operations that failed", { "op" });
-local clock = require "util.time".now;
+-- durations and deadlines: a clock that never jumps
+local clock = require "util.time".monotonic;
 
 -- Expected outcomes (item-not-found, quota-limit) pass quietly; the rest is logged.
 local function failed(op, err, code)
