@@ -651,10 +651,17 @@ end
 
 -- No <a/> within smacks_ack_timeout of an <r/>: treat the link as dead and let the
 -- session hibernate (or end, if it is not resumable) now instead of waiting for TCP.
+-- An s2s stream is closed (what mod_s2s_smacks_timeout does, and Prosody 13): its
+-- unacknowledged stanzas are then bounced or re-routed, and the next stanza for that
+-- server opens a fresh connection.
 local function ack_timed_out(session)
 	session.native_smacks_ack_timer = nil;
 	if session.awaiting_ack and session.conn and not session.hibernating and not session.destroyed then
 		session.log("info", "No acknowledgement within %ss, considering the connection dead", ack_timeout);
+		if session.type == "s2sout" then
+			session:close({ condition = "connection-timeout"; text = "No acknowledgement of stanzas" });
+			return;
+		end
 		local conn = session.conn;
 		conn:close();
 	end
@@ -681,7 +688,7 @@ local function request_ack(session, reason)
 	if not session.delayed_ack_timer and delayed_ack_timeout > 0 then
 		session.delayed_ack_timer = timer.add_task(delayed_ack_timeout, function () ack_delayed(session); end);
 	end
-	if ack_timeout > 0 and not session.native_smacks_ack_timer and session.resumption_token then
+	if ack_timeout > 0 and not session.native_smacks_ack_timer and (session.resumption_token or session.type == "s2sout") then
 		session.native_smacks_ack_timer = timer.add_task(ack_timeout, function () ack_timed_out(session); end);
 	end
 end
