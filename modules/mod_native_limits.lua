@@ -221,6 +221,7 @@ local function read_config()
 			muc_creations = levels_option("native_limits_muc_creations", { address = "2/10min" });
 		};
 		c.muc_messages = rate_option("native_limits_muc_messages", "1/s burst 5");
+		c.muc_room_joins = rate_option("native_limits_muc_room_joins", false);
 		c.muc_max_body = number_option("native_limits_muc_max_body", 5664, 1, 2^31, true);
 		c.muc_max_lines = number_option("native_limits_muc_max_lines", 23, 1, 2^31, true);
 		c.muc_max_nick = number_option("native_limits_muc_max_nick", 23, 1, 1023, true);
@@ -286,6 +287,8 @@ local m_offenders = module:metric("gauge", "offenders", "", "Addresses and prefi
 local m_bans = module:metric("gauge", "bans", "", "Active bans", {});
 local m_evictions = module:metric("counter", "evictions", "", "Rate-table entries replaced, idle or busy", { "kind" });
 local m_exempt = module:metric("counter", "exempt_sessions", "", "Sessions never limited (exempt, loopback, proxy)", { "reason" });
+local m_ban_closed = module:metric("counter", "ban_closed_sessions", "", "Open sessions closed because a new ban covers their address",
+	{ "transport", "mode" });
 
 local evicted = { idle = 0; busy = 0 };
 module:hook_global("stats-update", function ()
@@ -323,6 +326,10 @@ end);
 -- ---------------------------------------------------------------- per-session state
 
 local proxy_warned_at = 0;
+local weak_keys = { __mode = "k" };
+-- Every limited session of this instance (its own c2s sessions; on a component, the sessions that joined one of
+-- its rooms without an affiliation there): a new ban closes those it covers. Weak: a destroyed session leaves.
+local tracked = setmetatable({}, weak_keys);
 
 local function transport_of(session)
 	if session.websocket_request then return "websocket"; end
@@ -361,6 +368,7 @@ local function session_state(session)
 	end
 	s = { key = key; ip = session.ip; transport = transport; refused = 0; strict = #config.strict > 0 and in_list(config.strict, key) };
 	session[FIELD] = s;
+	if not is_component then tracked[session] = s; end
 	return s;
 end
 
@@ -379,7 +387,6 @@ local function family_matches(key, level)
 	return (level.family == "ipv4") == v4;
 end
 
-local weak_keys = { __mode = "k" };
 local concurrency = { unauth = {}, bound = {} };
 
 local function live(kind, session)
@@ -427,6 +434,46 @@ end);
 
 -- ---------------------------------------------------------------- actions
 
+local function banned_text(left)
+	return ("Too many violations from your network; try again in %d seconds"):format(math.ceil(left));
+end
+
+-- Is the packed address `key` inside the prefix `pkey`/`bits` (bits counted on the 16-byte form)?
+local function within(key, pkey, bits)
+	local whole = bits // 8;
+	if key:sub(1, whole) ~= pkey:sub(1, whole) then return false; end
+	local rest = bits % 8;
+	if rest == 0 then return true; end
+	local mask = (0xff << (8 - rest)) & 0xff;
+	return key:byte(whole + 1) & mask == pkey:byte(whole + 1) & mask;
+end
+
+-- A new ban of `pkey`/`bits` closes the open sessions it covers (bound, unauthenticated, hibernated; TCP,
+-- WebSocket, BOSH). Deferred to the next tick: the ban may be decided inside a hook of one of those sessions, or
+-- inside a MUC affiliation change, which should finish first.
+local function close_banned(pkey, bits)
+	module:add_timer(0, function ()
+		local mode = config.dry_run and "dry_run" or "enforce";
+		local n = 0;
+		for session, s in pairs(tracked) do
+			if not session.destroyed and session.close and within(s.key, pkey, bits) then
+				local left = lim:banned(s.key);
+				if left then
+					n = n + 1;
+					m_ban_closed:with_labels(session.hibernating and "hibernated" or s.transport, mode):add(1);
+					if not config.dry_run then
+						session:close({ condition = "policy-violation"; text = banned_text(left) });
+					end
+				end
+			end
+		end
+		if n > 0 then
+			module:log("info", "%s %d open session(s) of %s: banned", config.dry_run and "[dry run] Would have closed" or "Closed", n,
+				engine.format(pkey, bits));
+		end
+	end);
+end
+
 local function close(session, rule, text)
 	count(rule, "close");
 	if config.dry_run then return; end
@@ -444,11 +491,15 @@ local function strike(s, rule)
 		module:log("info", "%sBanned %s for %ds (level %d) after repeated %s violations", config.dry_run and "[dry run] " or "",
 			s.ip, math.floor(ban), level, rule);
 		local v4 = s.key:sub(1, 12) == "\0\0\0\0\0\0\0\0\0\0\255\255";
-		local pban, _, plevel = lim:strike(s.key, v4 and 120 or 64); -- three banned addresses ban the prefix
+		local pbits = v4 and 120 or 64;
+		local pban, _, plevel = lim:strike(s.key, pbits); -- three banned addresses ban the prefix
 		if pban then
 			count(rule, "ban");
-			module:log("info", "Banned %s for %ds (level %d): several banned addresses in it", engine.format(s.key, v4 and 120 or 64),
+			module:log("info", "Banned %s for %ds (level %d): several banned addresses in it", engine.format(s.key, pbits),
 				math.floor(pban), plevel);
+			close_banned(s.key, pbits);
+		else
+			close_banned(s.key, 128);
 		end
 	end
 	return ban;
@@ -462,10 +513,6 @@ local function delay(session, rule, seconds)
 	local paused = conn and transport_of(session) ~= "bosh" and conn.pause and pcall(conn.pause, conn);
 	async.sleep(seconds);
 	if paused and conn.resume then pcall(conn.resume, conn); end
-end
-
-local function banned_text(left)
-	return ("Too many violations from your network; try again in %d seconds"):format(math.ceil(left));
 end
 
 local function check_ban(session, s, rule)
@@ -677,11 +724,33 @@ if is_component then
 		return a == "owner" or a == "admin" or a == "member";
 	end
 
+	-- One join budget per room, whoever joins: a flood from many addresses. Weak keys: an evicted room forgets it.
+	local room_buckets = setmetatable({}, weak_keys);
+
+	local function room_join_allowed(room)
+		local r = config.muc_room_joins;
+		if not r then return true; end
+		local b = room_buckets[room];
+		if not b then
+			b = lim:bucket(r.rate, r.burst);
+			room_buckets[room] = b;
+		end
+		return b:take();
+	end
+
+	module:hook_global("config-reloaded", function ()
+		local r = config.muc_room_joins;
+		for room, b in pairs(room_buckets) do
+			if r then b:set(r.rate, r.burst); else room_buckets[room] = nil; end
+		end
+	end, -1); -- after the options are re-read (priority 0)
+
 	module:hook("muc-occupant-pre-join", function (event)
 		local s = origin_state(event.origin);
 		if not s then return; end
 		recent:set(jid_bare(event.stanza.attr.from), s.key);
 		if affiliated(event.room, event.stanza.attr.from) then return; end
+		tracked[event.origin] = s;
 		local left = lim:banned(s.key);
 		if left then
 			count("muc_joins", "refuse_banned");
@@ -696,16 +765,33 @@ if is_component then
 			if not config.dry_run then return muc_error(event, "modify", "policy-violation", "Your nickname is too long"); end
 		end
 		local rule = rule_for(s, "muc_joins");
-		if not rule then return; end
-		local ok, wait = lim:check(rule, s.key);
-		if ok then return; end
-		count("muc_joins", "refuse");
-		strike(s, "muc_joins");
-		if not config.dry_run then
-			return muc_error(event, "wait", "policy-violation",
-				("Too many joins from your network; try again in %d seconds"):format(math.ceil(wait)));
+		if rule then
+			local ok, wait = lim:check(rule, s.key);
+			if not ok then
+				count("muc_joins", "refuse");
+				strike(s, "muc_joins");
+				if not config.dry_run then
+					return muc_error(event, "wait", "policy-violation",
+						("Too many joins from your network; try again in %d seconds"):format(math.ceil(wait)));
+				end
+			end
 		end
 	end, 20);
+
+	-- The room's own join rate, after the per-address one (an address refused there spends no room budget).
+	-- Every sender counts, local or remote; no strike: the joiner did nothing wrong by itself.
+	module:hook("muc-occupant-pre-join", function (event)
+		if not config.muc_room_joins or affiliated(event.room, event.stanza.attr.from) then return; end
+		local origin = event.origin;
+		if origin and origin.type == "c2s" and not session_state(origin) then return; end -- exempt addresses
+		local ok, wait = room_join_allowed(event.room);
+		if ok then return; end
+		count("muc_room_joins", "refuse");
+		if not config.dry_run then
+			return muc_error(event, "wait", "resource-constraint",
+				("This room has too many people joining right now; try again in %d seconds"):format(math.max(1, math.ceil(wait))));
+		end
+	end, 19);
 
 	module:hook("muc-room-pre-create", function (event)
 		local s = origin_state(event.origin);
@@ -764,6 +850,7 @@ if is_component then
 		if key and not keys[key] then keys[key] = engine.format(key); end
 		for k, ip in pairs(keys) do
 			local seconds = lim:ban(k, 128, config.muc_ban_duration);
+			if seconds then close_banned(k, 128); end
 			count("muc_ban", "ban");
 			module:log("info", "%sBanned %s for %ds: %s was banned from %s", config.dry_run and "[dry run] " or "", ip,
 				math.floor(seconds or 0), event.jid, event.room.jid);
@@ -803,6 +890,7 @@ local instances = module:shared("/*/native_limits/instances");
 instances[host] = {
 	get = function () return lim; end;
 	dry_run = function () return config.dry_run; end;
+	close_banned = close_banned;
 };
 
 local function each_instance(only)
@@ -868,9 +956,10 @@ function commands:ban(target, duration, only_host)
 	local seconds = duration ~= nil and parse_duration(duration) or nil;
 	if duration ~= nil and not (seconds and seconds > 0) then return nil, ("%q is not a duration"):format(tostring(duration)); end
 	local done = 0;
-	for _, l in each_instance(only_host) do
+	for h, l in each_instance(only_host) do
 		local ok, err = l:ban(key, bits, seconds);
 		if not ok then return nil, err; end
+		instances[h].close_banned(key, bits);
 		done = done + 1;
 	end
 	return true, ("Banned %s on %d host(s)"):format(engine.format(key, bits), done);
