@@ -913,7 +913,6 @@ local function parse_target(text)
 	return key, bits;
 end
 
-local env = module:shared("/*/admin_shell/env");
 local commands = {};
 
 function commands:show(target, only_host)
@@ -985,11 +984,70 @@ function commands:reset(target, only_host)
 	return true, ("Reset %s (%d entries)"):format(engine.format(key, bits), n);
 end
 
-env.limits = commands;
+-- Help text and arguments, for Prosody 13's shell-command items (help, `prosodyctl shell limits top 10`).
+local command_help = {
+	{ "show", "Show ban state, offender entries and the budget left at every rule level",
+		{ { name = "address_or_prefix", type = "string" }, { name = "host", type = "string" } } };
+	{ "top", "List offenders: banned first, then by level, strikes and refusals",
+		{ { name = "n", type = "number" }, { name = "host", type = "string" } } };
+	{ "ban", "Ban an address or prefix now (for a duration like \"1h\", or the escalating duration) and close its sessions",
+		{ { name = "address_or_prefix", type = "string" }, { name = "duration", type = "string" }, { name = "host", type = "string" } } };
+	{ "unban", "Forget bans, strikes and levels inside an address or prefix",
+		{ { name = "address_or_prefix", type = "string" }, { name = "host", type = "string" } } };
+	{ "reset", "Forget all limiter state (or that inside an address or prefix)",
+		{ { name = "address_or_prefix", type = "string" }, { name = "host", type = "string" } } };
+};
+
+-- Prosody 13 registers shell commands as "shell-command" items; 0.12 has only the shell's shared env table.
+local major = tonumber(tostring(prosody.version or ""):match("^(%d+)%."));
+local shell_items = not major or major >= 13; -- trunk/nightly builds report no number and are 13-style
+
+-- The commands act on every instance through `instances`, so one registration serves all hosts. It is made in the
+-- global context: a host module's items need a host_selector argument on 13, which would make `host` mandatory.
+-- Its own items table keeps it out of this host's item list, which 13 would unregister when this host unloads.
+local shell = module:shared("/*/native_limits/shell");
+
+local function register_shell()
+	if not shell_items then
+		module:shared("/*/admin_shell/env").limits = commands;
+		return;
+	end
+	if shell.context then return; end
+	local context = setmetatable({ host = "*"; global = true; items = {} }, { __index = module });
+	shell.context, shell.items = context, {};
+	for _, c in ipairs(command_help) do
+		local name = c[1];
+		local item = { section = "limits"; section_desc = "Abuse limits of anonymous hosts (mod_native_limits)";
+			name = name; desc = c[2]; args = c[3]; handler = commands[name] };
+		shell.items[#shell.items+1] = item;
+		context:add_item("shell-command", item);
+	end
+end
+
+local function unregister_shell()
+	if not shell_items then
+		local env = module:shared("/*/admin_shell/env");
+		if env.limits == commands then env.limits = nil; end
+		return;
+	end
+	local context = shell.context;
+	if not context then return; end
+	for _, item in ipairs(shell.items) do context:remove_item("shell-command", item); end
+	shell.context, shell.items = nil, nil;
+end
+
+register_shell();
+
+-- 13: mod_admin_shell (re)loaded after this module only sees items of loaded modules; offer ours again.
+module:hook_global("module-loaded", function (event)
+	if shell_items and event.module == "admin_shell" and shell.context then
+		for _, item in ipairs(shell.items) do shell.context:fire_event("item-added/shell-command", { source = module; item = item }); end
+	end
+end);
 
 function module.unload()
 	instances[host] = nil;
-	if next(instances) == nil and env.limits == commands then env.limits = nil; end
+	if next(instances) == nil then unregister_shell(); end
 end
 
 module:log("info", "Limits active%s (%d-entry table)", config.dry_run and " in dry-run mode" or "", lim:stats().capacity);
