@@ -20,13 +20,17 @@
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <sys/file.h>
+#include <sys/stat.h>
 
 #include <sqlite3.h>
 
 #include "pn_common.h"
 
 #define ARCHIVE_MT "prosody_native.archive"
-#define SCHEMA_VERSION 1
+#define SCHEMA_VERSION 2
 #define STMT_CACHE_SIZE 48
 #define VALUE_FORMAT 1
 #define MAX_DEPTH 64
@@ -54,6 +58,7 @@ struct checkpointer {
 	pthread_cond_t synced_cond;
 	double interval;
 	char *path;
+	int log_fd;        /* the append log to fdatasync with each checkpoint, or -1 */
 };
 
 typedef struct {
@@ -69,6 +74,19 @@ typedef struct {
 	char *path;
 	int durable, busy_ms;
 	double interval;
+	unsigned long generation;  /* fork_generation when opened */
+	/* Group commit: consecutive appends share one write transaction, each also written
+	 * to the append log (one write(2), so it survives a kill) until the commit. */
+	int batch_max;             /* appends per transaction; 0 commits each append */
+	double batch_delay;        /* seconds an open batch may wait for more appends */
+	int batch_open, batch_count;
+	double batch_started;
+	int log_fd;                /* the append log, locked; -1 when another process has it */
+	int log_dirty;             /* the log holds appends the database lost (rolled back) */
+	off_t log_size;            /* where the next record goes */
+	uint64_t next_lsn;
+	unsigned char *rec;        /* record buffer, reused */
+	size_t rec_cap;
 } archive_db;
 
 /* ---------------------------------------------------------------- growable text */
@@ -178,6 +196,10 @@ static const char *error_code(int code) {
 	}
 }
 
+static void batch_lost(archive_db *a);
+
+/* Any failure rolls the whole transaction back: a batch of appends included, which
+ * the append log then brings back before the next operation. */
 static int db_error(lua_State *L, archive_db *a) {
 	int code = sqlite3_extended_errcode(a->db);
 	lua_pushnil(L);
@@ -185,6 +207,8 @@ static int db_error(lua_State *L, archive_db *a) {
 	lua_pushstring(L, error_code(code));
 	if(!sqlite3_get_autocommit(a->db))
 		exec_sql(a, "ROLLBACK");
+	if(a->batch_open)
+		batch_lost(a);
 	return 3;
 }
 
@@ -664,6 +688,10 @@ static void *checkpointer_main(void *arg) {
 		if(target != c->synced)
 			sync_wal(db);
 		if(due) {
+			/* appends still waiting in an open batch: their records in the log are what
+			 * a power cut would keep, so they get the same window as the WAL */
+			if(c->log_fd >= 0)
+				fdatasync(c->log_fd);
 			checkpoint(db);
 			next_checkpoint = pn_monotonic() + c->interval;
 		}
@@ -676,8 +704,9 @@ static void *checkpointer_main(void *arg) {
 	return NULL;
 }
 
-static int checkpointer_start(struct checkpointer *c, const char *path, double interval) {
+static int checkpointer_start(struct checkpointer *c, const char *path, double interval, int log_fd) {
 	pthread_condattr_t attr;
+	c->log_fd = log_fd;
 	c->path = strdup(path);
 	if(!c->path)
 		return -1;
@@ -722,18 +751,39 @@ static void checkpointer_stop(struct checkpointer *c) {
 
 /* ---------------------------------------------------------------- open / close */
 
+/* Fork detection without a getpid() system call per operation: the child handler
+ * bumps the generation, and drops random bytes the parent could use too. One
+ * getrandom() serves many keys. */
+static unsigned long fork_generation;
+static unsigned char random_pool[640];
+static size_t random_left;
+
+static void forked_child(void) {
+	fork_generation++;
+	random_left = 0;
+}
+
 static const char *open_database(archive_db *a, const char *path, int durable, int busy_ms, int *readonly);
+static int batch_commit(archive_db *a);
+static int log_open(archive_db *a, const char *path);
 
 /* A forked child (Prosody daemonizing after its storage loaded) must not use the
- * parent's connection or expect its thread: it leaves both alone and opens its own. */
+ * parent's connection or expect its thread: it leaves both alone and opens its own.
+ * A batch the parent had open dies with the parent's connection; its appends are in
+ * the append log, whose descriptor and lock the child inherited, and are replayed
+ * before the child's first operation. */
 static void reopen_after_fork(lua_State *L, archive_db *a) {
 	int readonly = 0;
 	memset(a->cache, 0, sizeof a->cache);
 	memset(&a->ckpt, 0, sizeof a->ckpt);
 	a->db = NULL;
 	a->pid = getpid();
+	a->generation = fork_generation;
+	a->batch_open = a->batch_count = 0;
+	if(a->log_fd >= 0 && a->log_size > 0)
+		a->log_dirty = 1;
 	if(open_database(a, a->path, a->durable, a->busy_ms, &readonly) != NULL
-			|| checkpointer_start(&a->ckpt, a->path, a->interval) != 0) {
+			|| checkpointer_start(&a->ckpt, a->path, a->interval, a->log_fd) != 0) {
 		if(a->db) {
 			sqlite3_close_v2(a->db);
 			a->db = NULL;
@@ -747,7 +797,7 @@ static archive_db *check_db(lua_State *L) {
 	archive_db *a = luaL_checkudata(L, 1, ARCHIVE_MT);
 	if(!a->db)
 		luaL_argerror(L, 1, "archive database is closed");
-	if(a->pid != getpid())
+	if(a->generation != fork_generation)
 		reopen_after_fork(L, a);
 	return a;
 }
@@ -760,6 +810,10 @@ static void archive_release(lua_State *L, archive_db *a) {
 	if(a->db) {
 		sqlite3_wal_hook(a->db, NULL, NULL);
 		checkpointer_stop(&a->ckpt);
+		/* a batch that cannot be committed now stays in the log for the next open */
+		if(a->batch_open && !sqlite3_get_autocommit(a->db) && batch_commit(a) == 0 && a->log_fd >= 0)
+			(void)!ftruncate(a->log_fd, 0);
+		a->batch_open = 0;
 		recover(a);
 		exec_sql(a, "PRAGMA optimize");
 		stmt_cache_clear(a);
@@ -775,6 +829,12 @@ static void archive_release(lua_State *L, archive_db *a) {
 	a->buf_len = a->buf_cap = 0;
 	free(a->path);
 	a->path = NULL;
+	free(a->rec);
+	a->rec = NULL;
+	a->rec_cap = 0;
+	if(a->log_fd >= 0)
+		close(a->log_fd);
+	a->log_fd = -1;
 }
 
 static const char *const SCHEMA[] = {
@@ -799,6 +859,10 @@ static const char *const SCHEMA[] = {
 	"CREATE INDEX IF NOT EXISTS items_owner ON items (owner)",
 	"CREATE INDEX IF NOT EXISTS items_with ON items (owner, \"with\")",
 	"CREATE INDEX IF NOT EXISTS items_when ON items (owner, \"when\")",
+	/* Schema 2: the last append-log record applied, moved in the same transaction as
+	 * the appends, so a record is never applied twice. */
+	"CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID",
+	"INSERT OR IGNORE INTO meta (name, value) VALUES ('applied_lsn', 0)",
 	NULL
 };
 
@@ -846,7 +910,7 @@ static const char *open_database(archive_db *a, const char *path, int durable, i
 		if(exec_sql(a, SCHEMA[i]) != SQLITE_OK)
 			return "schema";
 	}
-	if(exec_sql(a, "PRAGMA user_version = 1") != SQLITE_OK || exec_sql(a, "COMMIT") != SQLITE_OK)
+	if(exec_sql(a, "PRAGMA user_version = 2") != SQLITE_OK || exec_sql(a, "COMMIT") != SQLITE_OK)
 		return "schema";
 	/* Keeps the planner's statistics fresh for the with/when choices (cheap at open). */
 	exec_sql(a, "PRAGMA optimize = 0x10002");
@@ -855,12 +919,14 @@ static const char *open_database(archive_db *a, const char *path, int durable, i
 
 /* archive.open(path, options?) -> db | nil, err, code
  * options: durability = "full" | "normal", sync_interval (s), busy_timeout (ms),
- * element_mt (metatable marking element tables). */
+ * element_mt (metatable marking element tables), batch (appends per transaction,
+ * default 0: each append commits), batch_delay (s, default 0.01). */
 static int Larchive_open(lua_State *L) {
 	const char *path = luaL_checkstring(L, 1);
 	const char *durability = "normal";
-	int durable, busy_ms = 5000, readonly = 0;
-	double interval = 1.0;
+	int durable, busy_ms = 5000, readonly = 0, rc;
+	lua_Integer batch = 0;
+	double interval = 1.0, batch_delay = 0.01;
 	const char *stage;
 	archive_db *a;
 
@@ -872,6 +938,8 @@ static int Larchive_open(lua_State *L) {
 		lua_pop(L, 1);
 		interval = pn_opt_number_field(L, 2, "sync_interval", interval);
 		busy_ms = (int)pn_opt_integer_field(L, 2, "busy_timeout", busy_ms);
+		batch = pn_opt_integer_field(L, 2, "batch", batch);
+		batch_delay = pn_opt_number_field(L, 2, "batch_delay", batch_delay);
 	}
 	if(strcmp(durability, "full") == 0)
 		durable = 1;
@@ -881,11 +949,14 @@ static int Larchive_open(lua_State *L) {
 		return luaL_error(L, "durability must be \"full\" or \"normal\", not \"%s\"", durability);
 	luaL_argcheck(L, interval > 0 && interval <= 3600, 2, "sync_interval must be in (0, 3600] seconds");
 	luaL_argcheck(L, busy_ms >= 0, 2, "busy_timeout must not be negative");
+	luaL_argcheck(L, batch >= 0 && batch <= 1000000, 2, "batch must be 0 to 1000000 appends");
+	luaL_argcheck(L, batch_delay > 0 && batch_delay <= 60, 2, "batch_delay must be in (0, 60] seconds");
 
 	/* Born closed: whatever fails below leaves a consistent object for __gc. */
 	a = lua_newuserdatauv(L, sizeof *a, 0);
 	memset(a, 0, sizeof *a);
 	a->element_mt_ref = LUA_NOREF;
+	a->log_fd = -1;
 	luaL_setmetatable(L, ARCHIVE_MT);
 
 	if(!lua_isnoneornil(L, 2)) {
@@ -910,7 +981,18 @@ static int Larchive_open(lua_State *L) {
 		archive_release(L, a);
 		return pn_fail(L, msg, readonly ? "read-only" : stage);
 	}
-	if(checkpointer_start(&a->ckpt, path, interval) != 0) {
+	/* appends a killed process left in its log come back before anything else */
+	rc = log_open(a, path);
+	if(rc < 0) {
+		char msg[512];
+		snprintf(msg, sizeof msg, "%s: cannot %s the append log: %s", path, rc == -1 ? "replay" : "read",
+			rc == -1 ? sqlite3_errmsg(a->db) : strerror(errno));
+		archive_release(L, a);
+		return pn_fail(L, msg, "append-log");
+	}
+	a->batch_max = (int)batch;
+	a->batch_delay = batch_delay;
+	if(checkpointer_start(&a->ckpt, path, interval, a->log_fd) != 0) {
 		archive_release(L, a);
 		return pn_fail(L, "cannot start the checkpoint thread", "thread");
 	}
@@ -921,6 +1003,7 @@ static int Larchive_open(lua_State *L) {
 		return luaL_error(L, "out of memory");
 	}
 	a->pid = getpid();
+	a->generation = fork_generation;
 	a->durable = durable;
 	a->busy_ms = busy_ms;
 	a->interval = interval;
@@ -1024,6 +1107,392 @@ static void push_when(lua_State *L, double when) {
 		lua_pushinteger(L, (lua_Integer)when);
 	else
 		lua_pushnumber(L, when);
+}
+
+/* ---------------------------------------------------------------- group commit */
+
+/* One append, as the database and the append log both see it. host, store and user
+ * are NUL-terminated; key, with and value carry their lengths. */
+struct append_rec {
+	uint64_t lsn;
+	const char *host, *store, *user, *key, *with;
+	size_t key_len, with_len;
+	double when;
+	const unsigned char *value;
+	size_t value_len;
+	int fresh_key;   /* generated just now: cannot exist yet */
+};
+
+/* Writes one append into the open transaction. An item with the same key is
+ * replaced and the new one goes to the end; the owner's counter stays exact.
+ * Returns 0, 1 for quota-limit (nothing written) or -1 on SQLite error. */
+static int apply_append(archive_db *a, const struct append_rec *r, lua_Integer quota) {
+	sqlite3_int64 owner, items, old_seq = 0;
+	sqlite3_stmt *st;
+	int rc;
+	if(owner_find(a, r->host, r->store, r->user, &owner, &items) < 0)
+		return -1;
+	if(!owner && owner_create(a, r->host, r->store, r->user, &owner) < 0)
+		return -1;
+	if(!r->fresh_key && seq_of_key(a, owner, r->key, r->key_len, &old_seq) < 0)
+		return -1;
+	/* checked before anything changes, so a refusal needs no rollback (a batch has
+	 * other appends in the same transaction) */
+	if(quota >= 0 && items - (old_seq ? 1 : 0) >= quota)
+		return 1;
+	if(old_seq) {
+		st = stmt_get(a, "DELETE FROM items WHERE seq = ?1");
+		if(!st)
+			return -1;
+		sqlite3_bind_int64(st, 1, old_seq);
+		rc = sqlite3_step(st);
+		sqlite3_reset(st);
+		if(rc != SQLITE_DONE)
+			return -1;
+	}
+	st = stmt_get(a, "INSERT INTO items (owner, key, \"when\", \"with\", value) VALUES (?1, ?2, ?3, ?4, ?5)");
+	if(!st)
+		return -1;
+	sqlite3_bind_int64(st, 1, owner);
+	sqlite3_bind_text(st, 2, r->key, (int)r->key_len, SQLITE_STATIC);
+	sqlite3_bind_double(st, 3, r->when);
+	sqlite3_bind_text(st, 4, r->with, (int)r->with_len, SQLITE_STATIC);
+	sqlite3_bind_blob(st, 5, r->value, (int)r->value_len, SQLITE_STATIC);
+	rc = sqlite3_step(st);
+	sqlite3_reset(st);
+	sqlite3_clear_bindings(st);
+	if(rc != SQLITE_DONE)
+		return -1;
+	return owner_adjust(a, owner, old_seq ? 0 : 1);
+}
+
+/* CRC-32 (the zlib polynomial), eight bytes per step: a byte at a time it cost more
+ * than the rest of the record's preparation. */
+static uint32_t crc_table[8][256];
+
+static void crc_init(void) {
+	uint32_t i, j, c;
+	for(i = 0; i < 256; i++) {
+		c = i;
+		for(j = 0; j < 8; j++)
+			c = (c & 1) ? 0xedb88320u ^ (c >> 1) : c >> 1;
+		crc_table[0][i] = c;
+	}
+	for(i = 0; i < 256; i++)
+		for(j = 1; j < 8; j++)
+			crc_table[j][i] = (crc_table[j - 1][i] >> 8) ^ crc_table[0][crc_table[j - 1][i] & 0xff];
+}
+
+static uint32_t crc32_of(const unsigned char *p, size_t n) {
+	uint32_t c = 0xffffffffu;
+	while(n >= 8) {
+		uint32_t lo = c ^ ((uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24);
+		c = crc_table[7][lo & 0xff] ^ crc_table[6][(lo >> 8) & 0xff] ^ crc_table[5][(lo >> 16) & 0xff]
+			^ crc_table[4][lo >> 24] ^ crc_table[3][p[4]] ^ crc_table[2][p[5]] ^ crc_table[1][p[6]]
+			^ crc_table[0][p[7]];
+		p += 8;
+		n -= 8;
+	}
+	while(n--)
+		c = crc_table[0][(c ^ *p++) & 0xff] ^ (c >> 8);
+	return c ^ 0xffffffffu;
+}
+
+/* Append log record: magic, payload length, CRC-32 of the payload; the payload is
+ * lsn, when (IEEE bits), the six lengths, then host, store, user, key, with, value.
+ * All integers little-endian. */
+#define LOG_MAGIC 0x314c4e50u /* "PNL1" */
+#define LOG_HEAD 12
+#define LOG_FIXED (8 + 8 + 6 * 4)
+
+static void put32(unsigned char *p, uint32_t v) {
+	int i;
+	for(i = 0; i < 4; i++)
+		p[i] = (unsigned char)(v >> (8 * i));
+}
+
+static void put64(unsigned char *p, uint64_t v) {
+	int i;
+	for(i = 0; i < 8; i++)
+		p[i] = (unsigned char)(v >> (8 * i));
+}
+
+static uint32_t get32(const unsigned char *p) {
+	return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+
+static uint64_t get64(const unsigned char *p) {
+	return (uint64_t)get32(p) | (uint64_t)get32(p + 4) << 32;
+}
+
+/* Writes r at the end of the log with one write(2): once it returns, the record
+ * survives the process. A failed or short write is cut off again. */
+static int log_write(archive_db *a, const struct append_rec *r) {
+	size_t lens[6], total, at, i;
+	const void *parts[6];
+	uint64_t bits;
+	unsigned char *p;
+	ssize_t done;
+	lens[0] = strlen(r->host); parts[0] = r->host;
+	lens[1] = strlen(r->store); parts[1] = r->store;
+	lens[2] = strlen(r->user); parts[2] = r->user;
+	lens[3] = r->key_len; parts[3] = r->key;
+	lens[4] = r->with_len; parts[4] = r->with;
+	lens[5] = r->value_len; parts[5] = r->value;
+	total = LOG_HEAD + LOG_FIXED;
+	for(i = 0; i < 6; i++) {
+		if(lens[i] > 0x7fffffff)
+			return -1;
+		total += lens[i];
+	}
+	if(total > a->rec_cap) {
+		size_t cap = a->rec_cap ? a->rec_cap : 4096;
+		while(cap < total)
+			cap *= 2;
+		p = realloc(a->rec, cap);
+		if(!p)
+			return -1;
+		a->rec = p;
+		a->rec_cap = cap;
+	}
+	p = a->rec;
+	put64(p + LOG_HEAD, r->lsn);
+	memcpy(&bits, &r->when, sizeof bits);
+	put64(p + LOG_HEAD + 8, bits);
+	at = LOG_HEAD + 16;
+	for(i = 0; i < 6; i++, at += 4)
+		put32(p + at, (uint32_t)lens[i]);
+	for(i = 0; i < 6; i++) {
+		if(lens[i])
+			memcpy(p + at, parts[i], lens[i]);
+		at += lens[i];
+	}
+	put32(p, LOG_MAGIC);
+	put32(p + 4, (uint32_t)(total - LOG_HEAD));
+	put32(p + 8, crc32_of(p + LOG_HEAD, total - LOG_HEAD));
+	do
+		done = pwrite(a->log_fd, p, total, a->log_size);
+	while(done < 0 && errno == EINTR);
+	if(done != (ssize_t)total) {
+		(void)!ftruncate(a->log_fd, a->log_size);
+		return -1;
+	}
+	a->log_size += (off_t)total;
+	return 0;
+}
+
+/* Parses the record at p (n bytes left) into r; returns its length, or 0 for a torn
+ * or foreign tail, where reading stops. */
+static size_t log_parse(const unsigned char *p, size_t n, struct append_rec *r, char *names) {
+	size_t len, lens[6], at, i, sum = 0;
+	uint64_t bits;
+	if(n < LOG_HEAD + LOG_FIXED || get32(p) != LOG_MAGIC)
+		return 0;
+	len = get32(p + 4);
+	if(len < LOG_FIXED || len > n - LOG_HEAD || crc32_of(p + LOG_HEAD, len) != get32(p + 8))
+		return 0;
+	p += LOG_HEAD;
+	for(i = 0; i < 6; i++) {
+		lens[i] = get32(p + 16 + 4 * i);
+		sum += lens[i];
+	}
+	if(sum != len - LOG_FIXED)
+		return 0;
+	r->lsn = get64(p);
+	bits = get64(p + 8);
+	memcpy(&r->when, &bits, sizeof bits);
+	at = LOG_FIXED;
+	/* owner names go to SQLite as C strings: copied into `names` (room for the
+	 * record plus three NULs) */
+	r->host = names;
+	r->store = names + lens[0] + 1;
+	r->user = r->store + lens[1] + 1;
+	for(i = 0; i < 3; i++) {
+		memcpy(names, p + at, lens[i]);
+		names[lens[i]] = '\0';
+		names += lens[i] + 1;
+		at += lens[i];
+	}
+	r->key = (const char *)p + at;
+	r->key_len = lens[3];
+	at += lens[3];
+	r->with = (const char *)p + at;
+	r->with_len = lens[4];
+	at += lens[4];
+	r->value = p + at;
+	r->value_len = lens[5];
+	return LOG_HEAD + len;
+}
+
+static int applied_lsn(archive_db *a, uint64_t *lsn) {
+	sqlite3_stmt *st = stmt_get(a, "SELECT value FROM meta WHERE name = 'applied_lsn'");
+	int rc;
+	if(!st)
+		return -1;
+	rc = sqlite3_step(st);
+	*lsn = rc == SQLITE_ROW ? (uint64_t)sqlite3_column_int64(st, 0) : 0;
+	sqlite3_reset(st);
+	return rc == SQLITE_ROW || rc == SQLITE_DONE ? 0 : -1;
+}
+
+static int set_applied_lsn(archive_db *a, uint64_t lsn) {
+	sqlite3_stmt *st = stmt_get(a, "UPDATE meta SET value = ?1 WHERE name = 'applied_lsn'");
+	int rc;
+	if(!st)
+		return -1;
+	sqlite3_bind_int64(st, 1, (sqlite3_int64)lsn);
+	rc = sqlite3_step(st);
+	sqlite3_reset(st);
+	return rc == SQLITE_DONE ? 0 : -1;
+}
+
+/* Applies every record of the log the database does not have yet (lsn above the
+ * applied one), in one transaction that also records the last lsn, then empties the
+ * log. Returns 0, -1 on SQLite error or -2 on a failure to read the log (errno). */
+static int log_replay(archive_db *a) {
+	struct stat sb;
+	unsigned char *buf = NULL;
+	char *names = NULL;
+	size_t size, at = 0, got = 0;
+	uint64_t applied, last;
+	int failed = 0;
+	if(fstat(a->log_fd, &sb) != 0)
+		return -2;
+	size = (size_t)sb.st_size;
+	if(size > 0) {
+		buf = malloc(size);
+		names = malloc(size + 3);
+		if(!buf || !names) {
+			free(buf);
+			free(names);
+			errno = ENOMEM;
+			return -2;
+		}
+		while(got < size) {
+			ssize_t n = pread(a->log_fd, buf + got, size - got, (off_t)got);
+			if(n < 0 && errno == EINTR)
+				continue;
+			if(n <= 0)
+				break;
+			got += (size_t)n;
+		}
+		size = got;
+	}
+	if(exec_sql(a, "BEGIN IMMEDIATE") != SQLITE_OK) {
+		free(buf);
+		free(names);
+		return -1;
+	}
+	if(applied_lsn(a, &applied) < 0)
+		failed = 1;
+	last = applied;
+	while(!failed && at < size) {
+		struct append_rec r = { 0 };
+		size_t len = log_parse(buf + at, size - at, &r, names);
+		if(!len)
+			break;
+		if(r.lsn > applied && apply_append(a, &r, -1) < 0)
+			failed = 1;
+		if(r.lsn > last)
+			last = r.lsn;
+		at += len;
+	}
+	free(buf);
+	free(names);
+	if(failed || set_applied_lsn(a, last) < 0 || exec_sql(a, "COMMIT") != SQLITE_OK) {
+		if(!sqlite3_get_autocommit(a->db))
+			exec_sql(a, "ROLLBACK");
+		return -1;
+	}
+	if(last >= a->next_lsn)
+		a->next_lsn = last + 1;
+	a->log_dirty = 0;
+	a->log_size = 0;
+	if(ftruncate(a->log_fd, 0) != 0)
+		return -2;
+	return 0;
+}
+
+/* Opens and locks the append log next to the database. Another process that holds
+ * it (Prosody, while prosodyctl runs) leaves this one committing each append. */
+static int log_open(archive_db *a, const char *path) {
+	char name[4096];
+	uint64_t applied;
+	if(snprintf(name, sizeof name, "%s-appendlog", path) >= (int)sizeof name)
+		return -2;
+	a->log_fd = open(name, O_RDWR | O_CREAT | O_CLOEXEC, 0640);
+	if(a->log_fd < 0)
+		return -2;
+	if(flock(a->log_fd, LOCK_EX | LOCK_NB) != 0) {
+		int busy = errno == EWOULDBLOCK;
+		close(a->log_fd);
+		a->log_fd = -1;
+		return busy ? 0 : -2;
+	}
+	if(applied_lsn(a, &applied) < 0)
+		return -1;
+	a->next_lsn = applied + 1;
+	return log_replay(a);
+}
+
+static int batching(const archive_db *a) {
+	return a->batch_max > 0 && a->log_fd >= 0;
+}
+
+/* Commits the open batch; its records are then no longer needed and the log starts
+ * over (stale records after the new ones carry applied lsns and are skipped). */
+static int batch_commit(archive_db *a) {
+	if(a->batch_count > 0 && set_applied_lsn(a, a->next_lsn - 1) < 0)
+		return -1;
+	if(exec_sql(a, "COMMIT") != SQLITE_OK)
+		return -1;
+	a->batch_open = 0;
+	a->batch_count = 0;
+	a->log_size = 0;
+	return 0;
+}
+
+/* The open batch was rolled back: what it held is in the log only. */
+static void batch_lost(archive_db *a) {
+	a->batch_open = 0;
+	a->batch_count = 0;
+	if(a->log_size > 0)
+		a->log_dirty = 1;
+}
+
+static int batch_due(const archive_db *a) {
+	return a->batch_count >= a->batch_max || pn_monotonic() - a->batch_started >= a->batch_delay;
+}
+
+enum { GATE_READ, GATE_APPEND, GATE_ALONE };
+
+/* Entry of every operation: leaves no statement or stray transaction from an
+ * interrupted call, brings back appends a rollback took away, and commits the open
+ * batch first when the operation must not run inside it (GATE_ALONE) or the batch is
+ * full or old enough (GATE_APPEND). Returns 0, or the count of error values pushed. */
+static int gate(lua_State *L, archive_db *a, int mode) {
+	int rc;
+	if(a->batch_open && sqlite3_get_autocommit(a->db))
+		batch_lost(a); /* SQLite rolled it back on an error */
+	if(!a->batch_open)
+		recover(a);
+	else {
+		int i;
+		for(i = 0; i < STMT_CACHE_SIZE; i++)
+			if(a->cache[i].stmt)
+				sqlite3_reset(a->cache[i].stmt);
+	}
+	if(a->batch_open && (mode == GATE_ALONE || (mode == GATE_APPEND && batch_due(a)))
+			&& batch_commit(a) < 0)
+		return db_error(L, a);
+	if(a->log_dirty) {
+		rc = log_replay(a);
+		if(rc == -1)
+			return db_error(L, a);
+		if(rc == -2)
+			return pn_fail(L, strerror(errno), "io-error");
+	}
+	return 0;
 }
 
 /* ---------------------------------------------------------------- queries */
@@ -1294,6 +1763,11 @@ static int count_matching(lua_State *L, archive_db *a, const struct query *q, sq
 	return rc == SQLITE_ROW ? 0 : -1;
 }
 
+static void end_read(archive_db *a, int own) {
+	if(own && !sqlite3_get_autocommit(a->db))
+		exec_sql(a, "COMMIT");
+}
+
 /* db:find(host, store, user, query?) -> rows, n, total?, last_seq | nil, err, code
  * rows holds n items as 4 consecutive slots: key, value, when, with. A query field
  * `cursor` (a seq returned earlier) continues past the last item of a page. */
@@ -1306,17 +1780,20 @@ static int Larchive_find(lua_State *L) {
 	struct where w;
 	sqlite3_int64 owner, items, total = -1, last_seq = 0;
 	sqlite3_stmt *st;
-	int rows, n = 0, mt, rc, range;
+	int rows, n = 0, mt, rc, range, own;
 	char tail[64];
 
 	read_query(L, 5, &q);
-	recover(a);
-	if(exec_sql(a, "BEGIN") != SQLITE_OK)
+	if((rc = gate(L, a, GATE_READ)))
+		return rc;
+	/* inside an open batch the reads already share one snapshot */
+	own = !a->batch_open;
+	if(own && exec_sql(a, "BEGIN") != SQLITE_OK)
 		return db_error(L, a);
 	if(owner_find(a, host, store, user, &owner, &items) < 0)
 		return db_error(L, a);
 	if(!owner) {
-		exec_sql(a, "COMMIT");
+		end_read(a, own);
 		if(q.before || q.after)
 			return pn_fail(L, "item-not-found", "item-not-found");
 		lua_newtable(L);
@@ -1332,7 +1809,7 @@ static int Larchive_find(lua_State *L) {
 	if(range == -2)
 		return db_error(L, a);
 	if(range == -1) {
-		exec_sql(a, "COMMIT");
+		end_read(a, own);
 		return pn_fail(L, "item-not-found", "item-not-found");
 	}
 	if(q.total) {
@@ -1354,7 +1831,7 @@ static int Larchive_find(lua_State *L) {
 		goto done;
 	if(where_build(&w, &q, owner, 1) < 0) {
 		where_free(&w);
-		exec_sql(a, "ROLLBACK");
+		end_read(a, own);
 		return luaL_error(L, "out of memory");
 	}
 	if(q.has_limit)
@@ -1384,7 +1861,7 @@ static int Larchive_find(lua_State *L) {
 	if(mt)
 		lua_pop(L, 1);
 done:
-	exec_sql(a, "COMMIT");
+	end_read(a, own);
 	lua_pushinteger(L, n);
 	if(total >= 0)
 		lua_pushinteger(L, total);
@@ -1401,11 +1878,17 @@ static void generate_key(char out[37]) {
 	uint64_t ms = (uint64_t)(pn_realtime() * 1000.0);
 	int i;
 	static const char hex[] = "0123456789abcdef";
-	if(pn_random_bytes(b + 6, 10) != 0) {
+	if(random_left < 10) {
 		/* The kernel CSPRNG does not fail on Linux >= 3.17 once seeded; there is no
 		 * safe fallback for unpredictable ids, so stop rather than weaken them. */
-		abort();
+		if(pn_random_bytes(random_pool, sizeof random_pool) != 0)
+			abort();
+		random_left = sizeof random_pool;
 	}
+	random_left -= 10;
+	memcpy(b + 6, random_pool + random_left, 10);
+	/* used bytes do not stay in memory */
+	memset(random_pool + random_left, 0, 10);
 	/* UUIDv7: 48-bit milliseconds, version 7, variant 10, 74 random bits. */
 	for(i = 0; i < 6; i++)
 		b[i] = (unsigned char)(ms >> (8 * (5 - i)));
@@ -1423,82 +1906,104 @@ static void generate_key(char out[37]) {
 	*out = '\0';
 }
 
-/* db:append(host, store, user, key?, value, when, with, quota?) -> key | nil, err, code
+/* db:append(host, store, user, key?, value, when, with, quota?) -> key, opened | nil, err, code
  * An existing key is replaced and its item moves to the end. At `quota` items the
- * append fails with "quota-limit". */
+ * append fails with "quota-limit". With batching on, `opened` is true when this append
+ * began a new batch (someone should call db:flush() within the batch delay). */
 static int Larchive_append(lua_State *L) {
 	archive_db *a = check_db(L);
-	const char *host = luaL_checkstring(L, 2);
-	const char *store = luaL_checkstring(L, 3);
-	const char *user = luaL_checkstring(L, 4);
 	size_t key_len = 0, with_len;
 	const char *key = luaL_optlstring(L, 5, NULL, &key_len);
-	double when = luaL_checknumber(L, 7);
-	const char *with = luaL_checklstring(L, 8, &with_len);
 	lua_Integer quota = luaL_optinteger(L, 9, -1);
 	char generated[37];
-	sqlite3_int64 owner, items;
-	sqlite3_stmt *st;
-	int rc;
+	struct append_rec r;
+	int rc, opened = 0;
 
+	r.host = luaL_checkstring(L, 2);
+	r.store = luaL_checkstring(L, 3);
+	r.user = luaL_checkstring(L, 4);
+	r.when = luaL_checknumber(L, 7);
+	r.with = luaL_checklstring(L, 8, &with_len);
+	r.with_len = with_len;
 	luaL_checkany(L, 6);
 	encode(L, a, 6);
+	r.fresh_key = !key;
 	if(!key) {
 		generate_key(generated);
 		key = generated;
 		key_len = 36;
 	}
-	recover(a);
-	if(exec_sql(a, "BEGIN IMMEDIATE") != SQLITE_OK)
-		return db_error(L, a);
-	if(owner_find(a, host, store, user, &owner, &items) < 0)
-		return db_error(L, a);
-	if(!owner && owner_create(a, host, store, user, &owner) < 0)
-		return db_error(L, a);
-	if(key != generated) {
-		st = stmt_get(a, "DELETE FROM items WHERE owner = ?1 AND key = ?2");
-		if(!st)
+	r.key = key;
+	r.key_len = key_len;
+	r.value = a->buf;
+	r.value_len = a->buf_len;
+	if((rc = gate(L, a, GATE_APPEND)))
+		return rc;
+	if(!a->batch_open) {
+		if(exec_sql(a, "BEGIN IMMEDIATE") != SQLITE_OK)
 			return db_error(L, a);
-		sqlite3_bind_int64(st, 1, owner);
-		sqlite3_bind_text(st, 2, key, (int)key_len, SQLITE_TRANSIENT);
-		rc = sqlite3_step(st);
-		sqlite3_reset(st);
-		if(rc != SQLITE_DONE)
-			return db_error(L, a);
-		if(sqlite3_changes(a->db) > 0) {
-			items -= sqlite3_changes(a->db);
-			if(owner_adjust(a, owner, -sqlite3_changes(a->db)) < 0)
-				return db_error(L, a);
+		if(batching(a)) {
+			a->batch_open = opened = 1;
+			a->batch_count = 0;
+			a->batch_started = pn_monotonic();
 		}
 	}
-	if(quota >= 0 && items >= quota) {
-		exec_sql(a, "ROLLBACK");
+	rc = apply_append(a, &r, quota);
+	if(rc < 0)
+		return db_error(L, a);
+	if(rc > 0) {
+		/* nothing written: a transaction holding no append is not kept open */
+		if(!a->batch_open || a->batch_count == 0) {
+			exec_sql(a, "ROLLBACK");
+			a->batch_open = 0;
+		}
 		return pn_fail(L, "quota-limit", "quota-limit");
 	}
-	st = stmt_get(a, "INSERT INTO items (owner, key, \"when\", \"with\", value) VALUES (?1, ?2, ?3, ?4, ?5)");
-	if(!st)
+	if(a->batch_open) {
+		r.lsn = a->next_lsn;
+		if(log_write(a, &r) == 0) {
+			a->next_lsn++;
+			a->batch_count++;
+		} else if(batch_commit(a) < 0) {
+			/* neither in the log nor committed: this append fails, the batch's
+			 * earlier appends come back from the log */
+			return db_error(L, a);
+		}
+	} else if(exec_sql(a, "COMMIT") != SQLITE_OK) {
 		return db_error(L, a);
-	sqlite3_bind_int64(st, 1, owner);
-	sqlite3_bind_text(st, 2, key, (int)key_len, SQLITE_TRANSIENT);
-	sqlite3_bind_double(st, 3, when);
-	sqlite3_bind_text(st, 4, with, (int)with_len, SQLITE_TRANSIENT);
-	sqlite3_bind_blob(st, 5, a->buf, (int)a->buf_len, SQLITE_STATIC);
-	rc = sqlite3_step(st);
-	sqlite3_reset(st);
-	sqlite3_clear_bindings(st);
-	if(rc != SQLITE_DONE)
-		return db_error(L, a);
-	if(owner_adjust(a, owner, 1) < 0)
-		return db_error(L, a);
-	if(exec_sql(a, "COMMIT") != SQLITE_OK)
-		return db_error(L, a);
+	}
 	lua_pushlstring(L, key, key_len);
+	lua_pushboolean(L, opened);
+	return 2;
+}
+
+/* db:flush(age?) -> seconds_left | nil, err, code
+ * Commits the open batch of appends if it is at least `age` seconds old (default 0);
+ * returns 0 when no batch is left open, else the seconds until it is that old. */
+static int Larchive_flush(lua_State *L) {
+	archive_db *a = check_db(L);
+	double age = luaL_optnumber(L, 2, 0);
+	double left;
+	int rc;
+	if((rc = gate(L, a, GATE_READ)))
+		return rc;
+	if(a->batch_open) {
+		left = a->batch_started + age - pn_monotonic();
+		if(left > 0) {
+			lua_pushnumber(L, left);
+			return 1;
+		}
+		if(batch_commit(a) < 0)
+			return db_error(L, a);
+	}
+	lua_pushinteger(L, 0);
 	return 1;
 }
 
 /* db:get(host, store, user, key) -> value, when, with | nil, "item-not-found" */
 static int Larchive_get(lua_State *L) {
 	archive_db *a = check_db(L);
+	int g;
 	const char *host = luaL_checkstring(L, 2);
 	const char *store = luaL_checkstring(L, 3);
 	const char *user = luaL_checkstring(L, 4);
@@ -1508,7 +2013,8 @@ static int Larchive_get(lua_State *L) {
 	sqlite3_stmt *st;
 	int rc, mt;
 
-	recover(a);
+	if((g = gate(L, a, GATE_READ)))
+		return g;
 	if(owner_find(a, host, store, user, &owner, NULL) < 0)
 		return db_error(L, a);
 	if(!owner)
@@ -1537,6 +2043,7 @@ static int Larchive_get(lua_State *L) {
  * Replaces an item's value in place; its position in the archive stays. */
 static int Larchive_set(lua_State *L) {
 	archive_db *a = check_db(L);
+	int g;
 	const char *host = luaL_checkstring(L, 2);
 	const char *store = luaL_checkstring(L, 3);
 	const char *user = luaL_checkstring(L, 4);
@@ -1551,7 +2058,8 @@ static int Larchive_set(lua_State *L) {
 
 	luaL_checkany(L, 6);
 	encode(L, a, 6);
-	recover(a);
+	if((g = gate(L, a, GATE_ALONE)))
+		return g;
 	if(owner_find(a, host, store, user, &owner, NULL) < 0)
 		return db_error(L, a);
 	if(!owner) {
@@ -1683,6 +2191,7 @@ static int delete_owner(lua_State *L, archive_db *a, struct query q, sqlite3_int
  * seconds (default: no limit) in one transaction; `more` says whether to call again. */
 static int Larchive_delete(lua_State *L) {
 	archive_db *a = check_db(L);
+	int g;
 	const char *host = luaL_checkstring(L, 2);
 	const char *store = luaL_checkstring(L, 3);
 	int wildcard = lua_isboolean(L, 4) && lua_toboolean(L, 4);
@@ -1695,7 +2204,8 @@ static int Larchive_delete(lua_State *L) {
 	sqlite3_int64 owner;
 
 	read_query(L, 5, &q);
-	recover(a);
+	if((g = gate(L, a, GATE_ALONE)))
+		return g;
 	if(exec_sql(a, "BEGIN IMMEDIATE") != SQLITE_OK)
 		return db_error(L, a);
 	if(!wildcard) {
@@ -1752,6 +2262,7 @@ static int Larchive_delete(lua_State *L) {
 /* db:summary(host, store, user, query?) -> counts, earliest, latest | nil, err, code */
 static int Larchive_summary(lua_State *L) {
 	archive_db *a = check_db(L);
+	int g;
 	const char *host = luaL_checkstring(L, 2);
 	const char *store = luaL_checkstring(L, 3);
 	const char *user = luaL_checkstring(L, 4);
@@ -1762,7 +2273,8 @@ static int Larchive_summary(lua_State *L) {
 	int rc, range;
 
 	read_query(L, 5, &q);
-	recover(a);
+	if((g = gate(L, a, GATE_READ)))
+		return g;
 	lua_newtable(L);
 	lua_newtable(L);
 	lua_newtable(L);
@@ -1818,10 +2330,12 @@ static int push_column_list(lua_State *L, archive_db *a, sqlite3_stmt *st) {
 /* db:users(host, store) -> { user, ... } (owners holding at least one item) */
 static int Larchive_users(lua_State *L) {
 	archive_db *a = check_db(L);
+	int g;
 	const char *host = luaL_checkstring(L, 2);
 	const char *store = luaL_checkstring(L, 3);
 	sqlite3_stmt *st;
-	recover(a);
+	if((g = gate(L, a, GATE_READ)))
+		return g;
 	st = stmt_get(a, "SELECT user FROM owners WHERE host = ?1 AND store = ?2 AND items > 0 ORDER BY user");
 	if(!st)
 		return db_error(L, a);
@@ -1833,10 +2347,12 @@ static int Larchive_users(lua_State *L) {
 /* db:stores(host, user?) -> { store, ... } (stores with items, for that user if given) */
 static int Larchive_stores(lua_State *L) {
 	archive_db *a = check_db(L);
+	int g;
 	const char *host = luaL_checkstring(L, 2);
 	const char *user = luaL_optstring(L, 3, NULL);
 	sqlite3_stmt *st;
-	recover(a);
+	if((g = gate(L, a, GATE_READ)))
+		return g;
 	st = stmt_get(a, user
 		? "SELECT DISTINCT store FROM owners WHERE host = ?1 AND user = ?2 AND items > 0 ORDER BY store"
 		: "SELECT DISTINCT store FROM owners WHERE host = ?1 AND items > 0 ORDER BY store");
@@ -1852,6 +2368,7 @@ static int Larchive_stores(lua_State *L) {
  * One index seek per day with items, never a scan of the archive. */
 static int Larchive_dates(lua_State *L) {
 	archive_db *a = check_db(L);
+	int g;
 	const char *host = luaL_checkstring(L, 2);
 	const char *store = luaL_checkstring(L, 3);
 	const char *user = luaL_checkstring(L, 4);
@@ -1860,7 +2377,8 @@ static int Larchive_dates(lua_State *L) {
 	double from = -HUGE_VAL;
 	int n = 0, rc;
 
-	recover(a);
+	if((g = gate(L, a, GATE_READ)))
+		return g;
 	if(owner_find(a, host, store, user, &owner, NULL) < 0)
 		return db_error(L, a);
 	lua_newtable(L);
@@ -1914,10 +2432,12 @@ static int free_pages(archive_db *a, sqlite3_int64 *left) {
  * seconds (default 0.01), a few pages per transaction. */
 static int Larchive_vacuum_step(lua_State *L) {
 	archive_db *a = check_db(L);
+	int g;
 	double budget = luaL_optnumber(L, 2, 0.01);
 	double deadline = pn_monotonic() + budget;
 	sqlite3_int64 left = 0;
-	recover(a);
+	if((g = gate(L, a, GATE_ALONE)))
+		return g;
 	do {
 		if(free_pages(a, &left) < 0)
 			return db_error(L, a);
@@ -1936,10 +2456,12 @@ static int Larchive_vacuum_step(lua_State *L) {
  * A consistent copy of the whole database, taken while others keep writing. */
 static int Larchive_backup(lua_State *L) {
 	archive_db *a = check_db(L);
+	int g;
 	const char *path = luaL_checkstring(L, 2);
 	sqlite3_stmt *st;
 	int rc;
-	recover(a);
+	if((g = gate(L, a, GATE_ALONE)))
+		return g;
 	if(sqlite3_prepare_v2(a->db, "VACUUM INTO ?1", -1, &st, NULL) != SQLITE_OK)
 		return db_error(L, a);
 	sqlite3_bind_text(st, 1, path, -1, SQLITE_TRANSIENT);
@@ -1955,9 +2477,11 @@ static int Larchive_backup(lua_State *L) {
  * SQLite's integrity check plus the per-owner counters against real counts. */
 static int Larchive_check(lua_State *L) {
 	archive_db *a = check_db(L);
+	int g;
 	sqlite3_stmt *st;
 	int rc, n = 0;
-	recover(a);
+	if((g = gate(L, a, GATE_ALONE)))
+		return g;
 	lua_newtable(L);
 	if(sqlite3_prepare_v2(a->db, "PRAGMA integrity_check", -1, &st, NULL) != SQLITE_OK)
 		return db_error(L, a);
@@ -1991,6 +2515,7 @@ static int Larchive_check(lua_State *L) {
 /* db:stats() -> { items, owners, pages, free_pages, page_size, wal_bytes } */
 static int Larchive_stats(lua_State *L) {
 	archive_db *a = check_db(L);
+	int g;
 	static const struct { const char *name, *sql; } probes[] = {
 		{ "items", "SELECT coalesce(sum(items), 0) FROM owners" },
 		{ "owners", "SELECT count(*) FROM owners WHERE items > 0" },
@@ -2000,7 +2525,8 @@ static int Larchive_stats(lua_State *L) {
 	};
 	size_t i;
 	const char *file;
-	recover(a);
+	if((g = gate(L, a, GATE_READ)))
+		return g;
 	lua_newtable(L);
 	for(i = 0; i < sizeof probes / sizeof probes[0]; i++) {
 		sqlite3_stmt *st = stmt_get(a, probes[i].sql);
@@ -2028,6 +2554,10 @@ static int Larchive_stats(lua_State *L) {
 		lua_pushstring(L, file);
 		lua_setfield(L, -2, "path");
 	}
+	lua_pushboolean(L, batching(a));
+	lua_setfield(L, -2, "batching");
+	lua_pushinteger(L, a->batch_count);
+	lua_setfield(L, -2, "pending");
 	return 1;
 }
 
@@ -2096,6 +2626,7 @@ static int Larchive_encode(lua_State *L) {
 	tmp = lua_newuserdatauv(L, sizeof *tmp, 0);
 	memset(tmp, 0, sizeof *tmp);
 	tmp->element_mt_ref = LUA_NOREF;
+	tmp->log_fd = -1;
 	luaL_setmetatable(L, ARCHIVE_MT);
 	if(lua_istable(L, 2)) {
 		lua_pushvalue(L, 2);
@@ -2132,6 +2663,7 @@ static const luaL_Reg archive_meta[] = {
 static const luaL_Reg archive_methods[] = {
 	{ "close", Larchive_close },
 	{ "append", Larchive_append },
+	{ "flush", Larchive_flush },
 	{ "find", Larchive_find },
 	{ "get", Larchive_get },
 	{ "set", Larchive_set },
@@ -2162,6 +2694,16 @@ static const luaL_Reg archive_functions[] = {
 int luaopen_prosody_native_archive(lua_State *L);
 int luaopen_prosody_native_archive(lua_State *L) {
 	luaL_checkversion(L);
+	crc_init();
+	{
+		/* glibc drops the handler when this library is unloaded (__cxa_finalize) */
+		static int atfork_done;
+		if(!atfork_done) {
+			if(pthread_atfork(NULL, NULL, forked_child) != 0)
+				return luaL_error(L, "cannot register the fork handler");
+			atfork_done = 1;
+		}
+	}
 	pn_new_class(L, ARCHIVE_MT, archive_meta, archive_methods);
 	luaL_newlib(L, archive_functions);
 	lua_pushinteger(L, PN_ABI);

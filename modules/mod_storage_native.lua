@@ -25,6 +25,8 @@ local durability = choice_option("storage_native_durability", "normal", { normal
 local sync_interval = number_option("storage_native_sync_interval", 1, 0.001, 3600);
 local busy_timeout = number_option("storage_native_busy_timeout", 5000, 0, 600000, true);
 local slice = number_option("storage_native_delete_slice", 0.005, 0.001, 10);
+local commit_batch = number_option("storage_native_commit_batch", 256, 1, 100000, true);
+local commit_delay = number_option("storage_native_commit_delay", 0.05, 0.001, 10);
 local item_limit = number_option("storage_archive_item_limit", nil, 0, 2^53, true);
 local delegate_name = module:get_option_string("storage_native_delegate", "internal");
 if delegate_name == "native" then
@@ -45,6 +47,10 @@ if not db then
 		-- so the fsync happens on the engine's thread, shared by concurrent writers.
 		durability = "normal";
 		sync_interval = sync_interval;
+		-- group commit of "normal": up to commit_batch appends share a transaction, each
+		-- also written to the append log so that a kill loses none of them
+		batch = (durability == "normal" and commit_batch > 1) and commit_batch or 0;
+		batch_delay = commit_delay;
 		busy_timeout = SHORT_BUSY_MS;
 		element_mt = st.stanza_mt;
 	});
@@ -56,6 +62,36 @@ if not db then
 	connections[db_path] = db;
 	module:log("info", "Archive database %s (SQLite %s, durability %s)", db_path, engine.sqlite_version(), durability);
 end
+
+-- An open batch of appends is committed at the latest commit_delay after it began:
+-- one timer per database file, whichever host's append opened the batch.
+local timer = require "util.timer";
+local flush_state = module:shared("/*/storage_native/flush");
+flush_state[db_path] = flush_state[db_path] or { armed = false };
+local flushing = flush_state[db_path];
+local function flush_due()
+	local left, err = db:flush(commit_delay);
+	if left == nil then
+		module:log("error", "Archive commit failed: %s", err);
+		left = 0;
+	end
+	if left > 0 then return left; end
+	flushing.armed = false;
+end
+local function batch_opened()
+	if not flushing.armed then
+		flushing.armed = true;
+		timer.add_task(commit_delay, flush_due);
+	end
+end
+-- Nothing stays uncommitted across a fork (prosody -D daemonizes on server-started,
+-- after this) or a shutdown.
+local function flush_now()
+	local ok, err = db:flush();
+	if ok == nil then module:log("error", "Archive commit failed: %s", err); end
+end
+module:hook_global("server-started", flush_now, 1000);
+module:hook_global("server-stopping", flush_now);
 
 local op_seconds = module:metric("histogram", "op_duration", "seconds",
 	"Time spent in the archive engine per operation", { "op" },
@@ -160,6 +196,10 @@ function archive_store:append(username, key, value, when, with)
 		return failed("append", ret, "unsupported-datatype");
 	elseif not ret then
 		return failed("append", err, code);
+	end
+	if err then -- began a batch
+		batch_opened();
+		return ret;
 	end
 	local synced, serr, scode = durable();
 	if not synced then return failed("append", serr, scode); end
@@ -378,5 +418,7 @@ function module.command(arg)
 		print("usage: prosodyctl mod_storage_native check | stats | vacuum | backup <file> | import <driver> [store ...]");
 		return 2;
 	end
-	return command(table.unpack(arg));
+	local status = command(table.unpack(arg));
+	flush_now(); -- prosodyctl exits without closing the database
+	return status;
 end

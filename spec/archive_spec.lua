@@ -26,11 +26,65 @@ local function fresh(options)
 	return assert(archive.open(path, options)), path;
 end
 
+-- A database file nobody has open (so nobody holds its append log).
+local function closed_fresh()
+	local db, path = fresh();
+	db:close();
+	return path;
+end
+
 local function sqlite(path, sql)
 	local p = assert(io.popen(("sqlite3 %q %q"):format(path, sql)));
 	local out = p:read("*a");
 	p:close();
 	return out;
+end
+
+local function file_size(path)
+	local f = io.open(path, "rb");
+	if not f then return nil; end
+	local n = f:seek("end");
+	f:close();
+	return n;
+end
+
+local function cpath()
+	local root = os.getenv("PN_ROOT") or io.popen("pwd"):read("*l");
+	return root .. "/" .. (os.getenv("PN_BUILD") or "build") .. "/?.so";
+end
+
+-- Runs a separate process that appends n items in one open batch (nothing commits:
+-- batch and delay far above what it does), prints each returned key, then kills
+-- itself with SIGKILL. Returns the keys it printed.
+local function append_then_sigkill(path, n)
+	local script = table.concat({
+		"local archive = require 'prosody_native.archive'",
+		("local db = assert(archive.open(%q, { batch = 100000, batch_delay = 60 }))"):format(path),
+		("for i = 1, %d do"):format(n),
+		"  local key = assert(db:append('h', 's', 'u', nil, 'value ' .. i, i, 'w' .. i % 3))",
+		"  io.stdout:write(key, string.char(10)) io.stdout:flush()",
+		"end",
+		"os.execute('kill -KILL ' .. io.open('/proc/self/stat'):read('n'))",
+		"print('still alive')",
+	}, "\n");
+	local file = os.tmpname();
+	local f = assert(io.open(file, "w"));
+	f:write(script);
+	f:close();
+	local p = assert(io.popen(("env LUA_CPATH=%q lua5.4 %q"):format(cpath(), file)));
+	local keys = {};
+	for line in p:lines() do keys[#keys+1] = line; end
+	p:close();
+	os.remove(file);
+	assert(keys[#keys] ~= "still alive");
+	return keys;
+end
+
+local function all_keys(db)
+	local rows, n = db:find("h", "s", "u", {});
+	local keys = {};
+	for i = 1, n do keys[i] = rows[4 * (i - 1) + 1]; end
+	return keys;
 end
 
 describe("prosody_native.archive", function ()
@@ -283,6 +337,151 @@ describe("prosody_native.archive", function ()
 			assert(db:append("h", "s", "u", nil, "v", 1, "")); -- waits for the lock to go
 			writer:close();
 			assert.has_error(function () db:busy_timeout(-1); end);
+		end);
+
+		describe("group commit (batch > 0)", function ()
+			it("shows appends of the open batch to every read at once, quota included", function ()
+				local db, path = fresh({ batch = 1000, batch_delay = 60 });
+				assert.is_true(db:stats().batching);
+				local key, opened = db:append("h", "s", "u", "k1", "one", 1, "a");
+				assert.equal("k1", key);
+				assert.is_true(opened);
+				local _, again = assert(db:append("h", "s", "u", "k2", "two", 2, "b"));
+				assert.is_false(again);
+				assert(db:append("h", "s", "u", "k1", "one again", 3, "a")); -- replaced, moves to the end
+				assert.equal(2, db:stats().pending + 0 - 1); -- three appends, the batch holds them all
+				local rows, n, total = db:find("h", "s", "u", { total = true });
+				assert.equal(2, n);
+				assert.equal(2, total);
+				assert.same({ "k2", "k1" }, { rows[1], rows[5] });
+				assert.equal("one again", (db:get("h", "s", "u", "k1")));
+				local ok, _, code = db:append("h", "s", "u", nil, "three", 4, "", 2);
+				assert.is_nil(ok);
+				assert.equal("quota-limit", code);
+				assert.same({ a = 1, b = 1 }, (db:summary("h", "s", "u")));
+				-- nothing committed yet: another connection sees none of it
+				assert.equal("0\n", sqlite(path, "SELECT count(*) FROM items;"));
+				assert.equal(0, db:flush());
+				assert.equal("2\n", sqlite(path, "SELECT count(*) FROM items;"));
+			end);
+
+			it("commits when the batch is full, and on request once old enough", function ()
+				local db, path = fresh({ batch = 10, batch_delay = 60 });
+				for i = 1, 25 do assert(db:append("h", "s", "u", nil, "v", i, "")); end
+				assert.equal("20\n", sqlite(path, "SELECT count(*) FROM items;"));
+				assert.equal(5, db:stats().pending);
+				local left = db:flush(30);
+				assert.truthy(left > 29 and left <= 30, left);
+				assert.equal(0, db:flush(0));
+				assert.equal("25\n", sqlite(path, "SELECT count(*) FROM items;"));
+				assert.equal(0, db:flush());
+			end);
+
+			it("brings back every returned append of a process killed in the middle of a batch", function ()
+				local path = closed_fresh();
+				local keys = append_then_sigkill(path, 50);
+				assert.equal(50, #keys);
+				-- the kill came with all 50 uncommitted: only the append log has them
+				assert.equal("0\n", sqlite(path, "SELECT count(*) FROM items;"));
+				assert.truthy(file_size(path .. "-appendlog") > 50 * 40);
+				local db = assert(archive.open(path));
+				assert.same(keys, all_keys(db));
+				local _, _, total = db:find("h", "s", "u", { limit = 0, total = true });
+				assert.equal(50, total);
+				assert.same({ w0 = 16, w1 = 17, w2 = 17 }, (db:summary("h", "s", "u")));
+				assert.is_true((db:check()));
+				assert.equal(0, file_size(path .. "-appendlog"));
+			end);
+
+			it("ignores a torn or foreign tail of the append log", function ()
+				local path = closed_fresh();
+				local keys = append_then_sigkill(path, 20);
+				os.execute(("truncate -s -7 %q"):format(path .. "-appendlog"));
+				local f = assert(io.open(path .. "-appendlog", "ab"));
+				f:write("PNL1 and then some garbage that is no record");
+				f:close();
+				local db = assert(archive.open(path));
+				table.remove(keys);
+				assert.same(keys, all_keys(db));
+				assert.is_true((db:check()));
+			end);
+
+			it("never applies a record twice", function ()
+				local path = closed_fresh();
+				local keys = append_then_sigkill(path, 30);
+				local log = path .. "-appendlog";
+				os.execute(("cp %q %q.saved"):format(log, log));
+				local db = assert(archive.open(path));
+				assert.equal(30, #all_keys(db));
+				db:close();
+				-- as if the process had died after the commit, before emptying its log
+				os.execute(("cp %q.saved %q"):format(log, log));
+				db = assert(archive.open(path, { batch = 100 }));
+				assert.same(keys, all_keys(db));
+				-- and later records (higher lsns) of a second run still count
+				local more = append_then_sigkill(path, 0);
+				assert.same({}, more);
+				db:close();
+				local later = append_then_sigkill(path, 5);
+				db = assert(archive.open(path));
+				for _, k in ipairs(later) do keys[#keys+1] = k; end
+				assert.same(keys, all_keys(db));
+				assert.is_true((db:check()));
+			end);
+
+			it("lets a second process commit each append while the first holds the log", function ()
+				local first, path = fresh({ batch = 100, batch_delay = 60 });
+				local second = assert(archive.open(path, { batch = 100, busy_timeout = 0 }));
+				assert.is_true(first:stats().batching);
+				assert.is_false(second:stats().batching);
+				assert(second:append("h", "s", "u", "from-second", "v", 1, ""));
+				assert.equal("1\n", sqlite(path, "SELECT count(*) FROM items;"));
+				assert(first:append("h", "s", "u", "from-first", "v", 2, ""));
+				assert.equal("1\n", sqlite(path, "SELECT count(*) FROM items;"));
+				-- the open batch holds the write lock: the second waits for the commit
+				local ok, _, code = second:append("h", "s", "u", nil, "v", 3, "");
+				assert.is_nil(ok);
+				assert.equal("busy", code);
+				assert.equal(0, first:flush());
+				assert(second:append("h", "s", "u", "late", "v", 3, ""));
+				assert.same({ "from-second", "from-first", "late" }, all_keys(first));
+				second:close();
+				first:close();
+			end);
+
+			for _, how in ipairs({ "ABORT", "ROLLBACK" }) do
+				it("replays the batch when a failing statement rolls it back (RAISE(" .. how .. "))", function ()
+					local db, path = fresh();
+					db:close();
+					sqlite(path, ("CREATE TRIGGER boom BEFORE INSERT ON items WHEN NEW.key = 'boom'"
+						.. " BEGIN SELECT RAISE(%s, 'refused'); END;"):format(how));
+					db = assert(archive.open(path, { batch = 100, batch_delay = 60, element_mt = element_mt }));
+					assert(db:append("h", "s", "u", "k1", "v1", 1, ""));
+					assert(db:append("h", "s", "u", "k2", "v2", 2, ""));
+					local ok, err = db:append("h", "s", "u", "boom", "v", 3, "");
+					assert.is_nil(ok);
+					assert.matches("refused", err);
+					assert.same({ "k1", "k2" }, all_keys(db));
+					assert(db:append("h", "s", "u", "k3", "v3", 4, ""));
+					assert.equal(0, db:flush());
+					assert.equal("3\n", sqlite(path, "SELECT count(*) FROM items;"));
+					assert.is_true((db:check()));
+				end);
+			end
+
+			it("commits the open batch before deletes, backups and checks, and at close", function ()
+				local db, path = fresh({ batch = 100, batch_delay = 60 });
+				for i = 1, 5 do assert(db:append("h", "s", "u", "k" .. i, "v", i, "")); end
+				assert.equal(1, (db:delete("h", "s", "u", { key = "k1" })));
+				assert.equal("4\n", sqlite(path, "SELECT count(*) FROM items;"));
+				assert(db:append("h", "s", "u", "k6", "v", 6, ""));
+				assert(db:backup(dir .. "/batch-backup.sqlite"));
+				assert.equal("5\n", sqlite(dir .. "/batch-backup.sqlite", "SELECT count(*) FROM items;"));
+				assert(db:append("h", "s", "u", "k7", "v", 7, ""));
+				db:close();
+				assert.equal("6\n", sqlite(path, "SELECT count(*) FROM items;"));
+				assert.equal(0, file_size(path .. "-appendlog"));
+			end);
 		end);
 
 		it("takes an online backup that opens as an archive", function ()
