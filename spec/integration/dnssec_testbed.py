@@ -14,8 +14,12 @@ reports them bogus while everything else in the zone stays secure.
     bed.add("_xmpp-server._tcp.good", "SRV", "0 0 5269 xmpp.good.dane.example.")
     bed.add("_5269._tcp.xmpp.good", "TLSA", "3 1 1 ...")
     bed.add("xmpp4", "A", "127.0.0.1", bogus=True)
+    bed.add("xmpp5", "A", "127.0.0.5", ttl=4)   # its own TTL (the zone default is 300 s)
     bed.start()                      # -> bed.resolver ("127.0.0.1@port"), bed.trust_anchor ("dane.example. IN DS ...")
     bed.query("_xmpp-server._tcp.good.dane.example", "SRV")  # -> (rcode, ad flag, answer lines) via dig
+    bed.replace("_5269._tcp.xmpp.good", "TLSA", ["3 1 1 ..."])  # change the data,
+    bed.resign()                     # re-sign with the same keys and restart nsd (the resolver's cache keeps old data)
+    bed.flush()                      # restart the validating resolver with an empty cache
     bed.stop()
 
 Needs the Debian packages nsd, unbound, ldnsutils and bind9-dnsutils (spec/deps.sh installs them).
@@ -81,11 +85,18 @@ class DNSSECTestbed:
         self.port = None
         self.procs = []
         self.trust_anchor = None
+        self.serial = 1
 
     # -- zone content ---------------------------------------------------------------------------------------------
 
-    def add(self, owner, rtype, rdata, bogus=False):
-        self.records.append((owner, rtype, rdata, bogus))
+    def add(self, owner, rtype, rdata, bogus=False, ttl=None):
+        self.records.append((owner, rtype, rdata, bogus, ttl))
+
+    def replace(self, owner, rtype, rdatas, ttl=None, bogus=False):
+        """Replace the RRset (owner, rtype) of the signed zone; takes effect at resign()."""
+        self.records = [r for r in self.records if not (r[0] == owner and r[1] == rtype)]
+        for rdata in rdatas:
+            self.add(owner, rtype, rdata, bogus=bogus, ttl=ttl)
 
     def add_insecure(self, owner, rtype, rdata):
         self.insecure.append((owner, rtype, rdata))
@@ -104,11 +115,12 @@ class DNSSECTestbed:
 
     def _zone_text(self, origin, records):
         lines = [f"$ORIGIN {origin}", "$TTL 300",
-                 f"@ IN SOA ns.{ZONE} hostmaster.{ZONE} 1 3600 600 86400 300",
+                 f"@ IN SOA ns.{ZONE} hostmaster.{ZONE} {self.serial} 3600 600 86400 300",
                  f"@ IN NS ns.{ZONE}"]
         for rec in records:
             owner, rtype, rdata = rec[0], rec[1], rec[2]
-            lines.append(f"{owner} IN {rtype} {rdata}")
+            ttl = rec[4] if len(rec) > 4 and rec[4] is not None else ""
+            lines.append(f"{owner} {ttl} IN {rtype} {rdata}")
         return "\n".join(lines) + "\n"
 
     def _keygen(self, name, ksk):
@@ -142,6 +154,74 @@ class DNSSECTestbed:
             raise TestbedError(f"no RRSIG found to corrupt for {sorted(missing)}")
         signed_path.write_text("\n".join(out) + "\n")
 
+    def _write_parent(self):
+        """Writes and signs the parent zone from self.records; returns the signed file."""
+        d = self.dir
+        ksk, zsk, unused_ksk = self._keys
+        parent_records = [r[:4] for r in self.records]
+        parent_records.append(("ns", "A", "127.0.0.1", False))
+        parent_records.append(("insecure", "NS", f"ns.{ZONE}", False))
+        parent_records.append(("bogus", "NS", f"ns.{ZONE}", False))
+        for label in self.dead:
+            parent_records.append((label, "NS", f"ns.{ZONE}", False))
+        # the parent vouches for a key the child does not use: bogus delegation
+        ds = self._ds(unused_ksk).split()
+        parent_records.append(("bogus", "DS", " ".join(ds[3:]), False))
+
+        (d / "parent.zone").write_text(self._zone_text(ZONE, self.records + parent_records[len(self.records):]))
+        for k in (ksk, zsk):
+            text = (d / f"{k}.key").read_text()
+            with open(d / "parent.zone", "a") as f:
+                f.write(text if text.endswith("\n") else text + "\n")
+        signed = self._sign("parent.zone", ZONE, zsk, ksk)
+        self._corrupt(signed, {(((r[0] + "." + ZONE) if r[0] != "@" else ZONE).lower(), r[1].upper())
+                               for r in self.records if r[3]})
+        return signed
+
+    def resign(self, timeout=15.0):
+        """Re-sign the parent zone after replace()/add() (same keys, next serial) and restart nsd on its port.
+        The validating resolver keeps what it has cached until the records' TTLs run out (or flush())."""
+        self.serial += 1
+        self._write_parent()
+        self._restart("nsd", [NSD, "-c", str(self.dir / "nsd.conf"), "-d"])
+        self._wait_secure(timeout, direct=True)
+
+    def flush(self, timeout=15.0):
+        """Restart the validating resolver on its port: an empty cache."""
+        self._restart("unbound", [UNBOUND, "-d", "-c", str(self.dir / "unbound.conf")])
+        self._wait_secure(timeout)
+
+    def _restart(self, name, cmd):
+        for p, n in list(self.procs):
+            if n == name:
+                p.send_signal(signal.SIGTERM)
+                try:
+                    p.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait(timeout=10)
+                self.procs.remove((p, n))
+        self._spawn(cmd, name)
+
+    def _wait_secure(self, timeout, direct=False):
+        deadline = time.monotonic() + timeout
+        while True:
+            for p, name in self.procs:
+                if p.poll() is not None:
+                    raise TestbedError(f"{name} exited with {p.returncode}: {self.log(name)}")
+            if direct:  # nsd itself, without the resolver's cache in between
+                res = run([DIG, "@127.0.0.1", "-p", str(self.nsd_port), "+tries=1", "+time=1", "SOA", ZONE], check=False)
+                if f" {self.serial} " in res.stdout:
+                    return
+            else:
+                rcode, ad, _ = self.query("ns." + ZONE, "A", check=False)
+                if rcode == "NOERROR" and ad:
+                    return
+            if time.monotonic() > deadline:
+                raise TestbedError(f"test bed did not answer within {timeout}s: "
+                                   f"nsd: {self.log('nsd')} unbound: {self.log('unbound')}")
+            time.sleep(0.1)
+
     # -- lifecycle ------------------------------------------------------------------------------------------------
 
     def start(self, timeout=15.0):
@@ -159,24 +239,8 @@ class DNSSECTestbed:
         child_zsk = self._keygen(child, False)
         unused_ksk = self._keygen(child, True)
         self.trust_anchor = self._ds(ksk)
-        parent_records = list(self.records)
-        parent_records.append(("ns", "A", "127.0.0.1", False))
-        parent_records.append(("insecure", "NS", f"ns.{ZONE}", False))
-        parent_records.append(("bogus", "NS", f"ns.{ZONE}", False))
-        for label in self.dead:
-            parent_records.append((label, "NS", f"ns.{ZONE}", False))
-        # the parent vouches for a key the child does not use: bogus delegation
-        ds = self._ds(unused_ksk).split()
-        parent_records.append(("bogus", "DS", " ".join(ds[3:]), False))
-
-        (d / "parent.zone").write_text(self._zone_text(ZONE, parent_records))
-        for k in (ksk, zsk):
-            text = (d / f"{k}.key").read_text()
-            with open(d / "parent.zone", "a") as f:
-                f.write(text if text.endswith("\n") else text + "\n")
-        signed = self._sign("parent.zone", ZONE, zsk, ksk)
-        self._corrupt(signed, {(((o + "." + ZONE) if o != "@" else ZONE).lower(), t.upper())
-                               for o, t, _, b in self.records if b})
+        self._keys = (ksk, zsk, unused_ksk)
+        signed = self._write_parent()
 
         (d / "bogus.zone").write_text(self._zone_text(child, self.bogus_child))
         for k in (child_ksk, child_zsk):
