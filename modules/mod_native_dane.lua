@@ -14,6 +14,7 @@ local promise = require "util.promise";
 local configmanager = require "core.configmanager";
 local hex = require "util.hex";
 local pton = require "util.net".pton;
+local xml_parse = require "util.xml".parse;
 local engine = module:require("prosody_native_loader").load("dane");
 
 local POLICIES = { required = true; opportunistic = true; off = true };
@@ -131,6 +132,7 @@ end
 local m_outcome = module:metric("counter", "outcomes", "", "DANE outcomes of outgoing s2s connections", { "outcome" });
 local m_incoming = module:metric("counter", "incoming_outcomes", "", "DANE outcomes of incoming s2s connections", { "outcome" });
 local m_refused = module:metric("counter", "refused", "", "Outgoing s2s connections refused by DANE policy", { "reason" });
+local m_fallback = module:metric("counter", "fallbacks", "", "Queued stanzas moved to the next SRV target after a DANE failure", { "reason" });
 local m_verify = module:metric("histogram", "verify_duration", "seconds", "Time to verify a peer chain against TLSA records", {},
 	{ buckets = { 0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05 } }):with_labels();
 local clock = require "util.time".now;
@@ -173,6 +175,35 @@ local function sync_lookup_all(queries)
 	return results;
 end
 
+-- Lifetime of a decision (RFC 4034 3.1.4, 3.1.5): lua-unbound 1.0 hands over neither TTLs
+-- nor answer packets, but every signed RRset carries its original TTL and its signature
+-- expiration in the RRSIGs at its owner name, which a query of type RRSIG returns.
+local T_A, T_AAAA, T_SRV, T_TLSA, T_NSEC = 1, 28, 33, 52, 47;
+
+-- bound(lifetime, answer of an RRSIG query, { covered type = what }, now) folds the
+-- original TTLs and expirations of the signatures over those types into lifetime
+-- { ttl, why, expires }. Only ever shortens: an unvalidated RRSIG answer cannot extend
+-- a decision beyond dane_cache_ttl.
+local function bound(life, sigs, covered, now)
+	for _, rr in ipairs(sigs or {}) do
+		local raw = rr.rrsig and rr.rrsig.raw;
+		if raw and #raw >= 18 then
+			local ctype, _, _, ttl, expires = string.unpack(">I2BBI4I4", raw);
+			local what = covered[ctype];
+			if what then
+				if ttl < life.ttl then
+					life.ttl, life.why = ttl, ("TTL %d of %s"):format(ttl, what);
+				end
+				-- RFC 1982 serial arithmetic is overkill until 2106: plain seconds
+				if expires - now < life.ttl then
+					life.ttl, life.why = math.max(0, expires - now), ("RRSIG expiry of %s"):format(what);
+				end
+				if not life.expires or expires < life.expires then life.expires = expires; end
+			end
+		end
+	end
+end
+
 -- What DNSSEC says about domain: outcome "dane" (some target has secure usable-looking
 -- TLSA), "insecure", "no-tlsa", or a refusal (bogus, resolution-error) with a reason.
 -- Both SRV sets Prosody uses are considered: Direct TLS (_xmpps-server, XEP-0368),
@@ -183,7 +214,11 @@ local function resolve(domain, lookup_all)
 		{ name = "_xmpps-server._tcp." .. domain; field = "srv_direct"; direct = true };
 		{ name = "_xmpp-server._tcp." .. domain; field = "srv" };
 	};
-	local srv_answers = lookup_all({ { kinds[1].name, "SRV" }, { kinds[2].name, "SRV" } });
+	local life = { ttl = options.cache_ttl; why = "dane_cache_ttl" };
+	state.life = life;
+	local now = os.time();
+	local srv_answers = lookup_all({ { kinds[1].name, "SRV" }, { kinds[2].name, "SRV" },
+		{ kinds[1].name, "RRSIG" }, { kinds[2].name, "RRSIG" } });
 	local records, insecure_srv = {}, false;
 	for k, kind in ipairs(kinds) do
 		local answer, err = srv_answers[k][1], srv_answers[k][2];
@@ -195,6 +230,9 @@ local function resolve(domain, lookup_all)
 		elseif status == "error" then
 			state.outcome, state.refuse = "resolution-error", ("SRV lookup for %s failed (%s)"):format(kind.name, why);
 			return state;
+		end
+		if status == "secure" then
+			bound(life, srv_answers[k + 2][1], { [T_SRV] = kind.name .. " SRV"; [T_NSEC] = kind.name .. " NSEC" }, now);
 		end
 		local these = {};
 		for _, rr in ipairs(answer) do
@@ -224,6 +262,8 @@ local function resolve(domain, lookup_all)
 			queries[#queries + 1] = { host, "A" };
 			queries[#queries + 1] = { host, "AAAA" };
 			queries[#queries + 1] = { ("_%d._tcp.%s"):format(rr.port, host), "TLSA" };
+			queries[#queries + 1] = { host, "RRSIG" };
+			queries[#queries + 1] = { ("_%d._tcp.%s"):format(rr.port, host), "RRSIG" };
 		else
 			t.status = "insecure"; -- from an unsigned SRV set: no DANE (RFC 7673 3.1)
 		end
@@ -231,7 +271,8 @@ local function resolve(domain, lookup_all)
 	local answers = #queries > 0 and lookup_all(queries) or {};
 	local any_dane, any_insecure, usable, reasons = false, insecure_srv, 0, {};
 	for i, t in ipairs(secure_targets) do
-		local a, aaaa, tlsa = answers[3 * i - 2], answers[3 * i - 1], answers[3 * i];
+		local a, aaaa, tlsa = answers[5 * i - 4], answers[5 * i - 3], answers[5 * i - 2];
+		local host_sigs, tlsa_sigs = answers[5 * i - 1][1], answers[5 * i][1];
 		local a_st, a_why = dnssec_status(a[1], a[2]);
 		local aaaa_st, aaaa_why = dnssec_status(aaaa[1], aaaa[2]);
 		local tlsa_st, tlsa_why = dnssec_status(tlsa[1], tlsa[2]);
@@ -258,6 +299,14 @@ local function resolve(domain, lookup_all)
 			end
 		else
 			t.status = tlsa_st == "secure" and "no-tlsa" or "insecure";
+		end
+		if a_st == "secure" and aaaa_st == "secure" then
+			-- NSEC at an existing name: how long "no AAAA" or "no TLSA" may be believed
+			bound(life, host_sigs, { [T_A] = t.host .. " A"; [T_AAAA] = t.host .. " AAAA"; [T_NSEC] = t.host .. " NSEC" }, now);
+			if tlsa_st == "secure" then
+				local tname = ("_%d._tcp.%s"):format(t.port, t.host);
+				bound(life, tlsa_sigs, { [T_TLSA] = tname .. " TLSA"; [T_NSEC] = tname .. " NSEC" }, now);
+			end
 		end
 		if t.why then
 			reasons[#reasons + 1] = t.why;
@@ -309,6 +358,9 @@ local function route_with(event, state, policy)
 	if state.refuse then
 		return refuse_route(event, state.outcome, state.refuse);
 	end
+	if state.exhausted then -- every target failed DANE within this decision's lifetime
+		return refuse_route(event, state.exhausted.reason, state.exhausted.text);
+	end
 	if policy == "required" and state.outcome ~= "dane" then
 		local why = state.outcome == "insecure" and "its DNS records are not DNSSEC-signed" or "it publishes no TLSA records";
 		return refuse_route(event, "required", ("DANE is required for %s but %s"):format(event.to_host, why));
@@ -317,8 +369,21 @@ local function route_with(event, state, policy)
 	return nil; -- on to mod_s2s, which creates the session (s2sout-created below)
 end
 
+-- A decision lives as long as the shortest-lived record it rests on, at most dane_cache_ttl.
+local function remember(domain, state)
+	local ttl = math.min(options.cache_ttl, state.life and state.life.ttl or options.cache_ttl);
+	state.life = state.life or { ttl = ttl; why = "dane_cache_ttl" };
+	if ttl > 0 then
+		cache[domain] = { state = state; expires = clock() + ttl };
+	else
+		cache[domain] = nil;
+	end
+	module:log("debug", "DANE decision for %s (%s) kept %ds (%s)", domain, state.outcome, ttl,
+		ttl < options.cache_ttl and state.life.why or "dane_cache_ttl");
+end
+
 local function resolved(domain, state)
-	cache[domain] = { state = state; expires = clock() + options.cache_ttl };
+	remember(domain, state);
 	local queue = waiting[domain] or {};
 	waiting[domain] = nil;
 	if state.refuse then
@@ -354,6 +419,7 @@ end
 
 local function route_remote(event)
 	local to_host = event.to_host;
+	routing[to_host] = nil;
 	local policy = policy_for(to_host);
 	if policy == "off" then return nil; end
 	local state = event.native_dane_state;
@@ -377,12 +443,138 @@ local function route_remote(event)
 	return true;
 end
 
+-- mod_s2s builds its resolver with net.resolvers.service.new() right after route/remote
+-- reaches it; wrapping that constructor is the one place where the addresses of targets
+-- that must not be used (bogus, or already failed DANE: RFC 7673 3.2, 3.4) can be
+-- skipped, so Prosody goes on to the next target instead of connecting to them.
+local service_resolvers = require "net.resolvers.service";
+local service_new = service_resolvers.new;
+
+local function is_out(state, t)
+	return t.why ~= nil or (state.failed ~= nil and state.failed[t] ~= nil);
+end
+
+-- "<binary address>|<port>" of the targets to skip, unless a usable target shares it
+local function skipped_addresses(state)
+	local skip, keep, any = {}, {}, false;
+	for _, t in ipairs(state.targets) do
+		for key in pairs(t.addrs) do
+			local k = key .. "|" .. t.port;
+			if is_out(state, t) then skip[k] = true; any = true; else keep[k] = true; end
+		end
+	end
+	if not any then return nil; end
+	for k in pairs(keep) do skip[k] = nil; end
+	return skip;
+end
+
+local function filtered_service_new(hostname, service, conn_type, extra)
+	local resolver = service_new(hostname, service, conn_type, extra);
+	local r = (service == "xmpp-server" or service == "xmpps-server") and routing[hostname];
+	local skip = r and skipped_addresses(r.state);
+	if not skip then return resolver; end
+	local filtered = setmetatable({}, { __index = resolver });
+	function filtered:next(cb)
+		resolver:next(function (ctype, ip, port, ...)
+			if ctype and skip[(pton(ip) or ip) .. "|" .. tostring(port)] then
+				module:log("debug", "DANE: skipping %s port %s for %s: that target is not usable", ip, port, hostname);
+				return self:next(cb);
+			end
+			return cb(ctype, ip, port, ...);
+		end);
+	end
+	return filtered;
+end
+service_resolvers.new = filtered_service_new;
+
 -- Verification after TLS ----------------------------------------------------------------
 
 local function refuse_session(session, reason, text)
 	m_refused:with_labels(reason):add(1);
 	(session.log or module._log)("warn", "DANE: refusing s2s connection to %s: %s", session.to_host, text);
 	session:close({ condition = "policy-violation"; text = "DANE: " .. text }, nil, "DANE: " .. text);
+	return false;
+end
+
+-- Replies for queued stanzas, as mod_s2s's bounce_sendq makes them.
+local function bounce_queued(from_host, items, text)
+	for _, item in ipairs(items) do
+		local reply = item[2];
+		if reply and not reply.attr.xmlns and ({ message = true; presence = true; iq = true })[reply.name] then
+			reply.attr.type = "error";
+			reply:tag("error", { type = "cancel"; by = from_host })
+				:tag("remote-server-not-found", { xmlns = "urn:ietf:params:xml:ns:xmpp-stanzas" }):up()
+				:tag("text", { xmlns = "urn:ietf:params:xml:ns:xmpp-stanzas" }):text("Server-to-server connection failed: DANE: " .. text):up();
+			module:context(from_host):send(reply);
+		end
+	end
+end
+
+-- The queued stanzas move to a new outgoing session whose resolver skips the failed
+-- targets (RFC 7671 5, RFC 7673 3.4: try the next target). The first one re-enters
+-- route/remote only to make mod_s2s open that session; the queue it then carries is the
+-- original one, so nothing is re-serialised, dropped or sent twice.
+local function reroute(from_host, to_host, state, items, trigger, prior)
+	local host = prosody.hosts[from_host];
+	local new;
+	if host and not host.s2sout[to_host] then -- else the trigger could leave over someone else's session
+		module:context(from_host):fire_event("route/remote", { from_host = from_host; to_host = to_host; stanza = trigger;
+			native_dane_state = state });
+		new = host.s2sout[to_host];
+	end
+	if not (new and new.sendq and #new.sendq == 1) then
+		module:log("warn", "DANE: could not open a connection to the next target of %s", to_host);
+		return bounce_queued(from_host, items, prior);
+	end
+	new.sendq = items;
+	local bounce_sendq = new.bounce_sendq;
+	-- a later failure of the next target (TCP, TLS, dialback) still names this one
+	function new.bounce_sendq(s, reason)
+		if type(reason) == "string" and not s.native_dane_final then
+			reason = ("DANE: %s; then the next target: %s"):format(prior, reason);
+		end
+		return bounce_sendq(s, reason);
+	end
+end
+
+-- A per-target failure: fall back to the next target while one is left; refuse (and
+-- bounce, naming every target's cause) only when none is.
+local function fail_target(session, targets, reason, text)
+	local state = session.native_dane.state;
+	state.failed = state.failed or {};
+	for _, t in ipairs(targets) do state.failed[t] = text; end
+	local left, causes, seen = 0, {}, {};
+	for _, t in ipairs(state.targets) do
+		local cause = t.why or state.failed[t];
+		if not cause then
+			left = left + 1;
+		elseif not seen[cause] then
+			seen[cause] = true;
+			causes[#causes + 1] = cause;
+		end
+	end
+	local items = session.sendq;
+	local trigger;
+	if left > 0 and items and items[1] then
+		-- the serialised first stanza, parsed with the stream's namespaces in scope
+		local ok, wrapper = pcall(xml_parse, "<x xmlns='jabber:server' xmlns:db='jabber:server:dialback'>" .. items[1][1] .. "</x>");
+		trigger = ok and wrapper and wrapper.tags[1];
+	end
+	if not trigger then
+		if left == 0 and #causes > 1 then
+			text = ("no target of %s could be verified: %s"):format(session.to_host, table.concat(causes, "; "));
+		end
+		if left == 0 then state.exhausted = { reason = reason; text = text }; end
+		session.native_dane_final = true;
+		return refuse_session(session, reason, text);
+	end
+	-- closing retires the session (its hosts are gone afterwards)
+	local from_host, to_host = session.from_host, session.to_host;
+	session.sendq = nil; -- carried over to the next target below
+	refuse_session(session, reason, text);
+	m_fallback:with_labels(reason):add(1);
+	module:log("info", "DANE: %d queued stanza(s) for %s go to its next target (%d left)", #items, to_host, left);
+	reroute(from_host, to_host, state, items, trigger, text);
 	return false;
 end
 
@@ -409,7 +601,7 @@ local function check_incoming(session, host)
 	local state = c and c.expires > clock() and c.state;
 	if not state then
 		state = resolve(host, async_lookup_all);
-		cache[host] = { state = state; expires = clock() + options.cache_ttl };
+		remember(host, state);
 	end
 	if state.outcome ~= "dane" then
 		m_incoming:with_labels(state.outcome):add(1);
@@ -477,10 +669,11 @@ local function check_certificate(event)
 	local key = ip and (pton(ip) or ip);
 	-- the targets this connection reached (Prosody chose one of the SRV targets)
 	local records, base, names, skipped, nondane = {}, nil, { session.to_host }, nil, nil;
-	local all_dane = true;
+	local all_dane, hit = true, {};
 	for _, t in ipairs(state.targets) do
 		if not t.why and t.status ~= "dane" then all_dane = false; end
 		if key and t.addrs[key] and (not port or tonumber(port) == t.port) then
+			hit[#hit + 1] = t;
 			if t.why then
 				skipped = skipped or t.why;
 			elseif t.status == "dane" then
@@ -492,7 +685,7 @@ local function check_certificate(event)
 		end
 	end
 	if skipped and not base then
-		return refuse_session(session, "bogus", skipped);
+		return fail_target(session, hit, "bogus", skipped);
 	end
 	if not base and not nondane and all_dane then
 		-- every usable target has TLSA records, yet this address is none of theirs
@@ -503,7 +696,7 @@ local function check_certificate(event)
 	if not base then
 		m_outcome:with_labels(nondane and "no-tlsa" or "insecure"):add(1);
 		if policy == "required" then
-			return refuse_session(session, "required", ("connected to %s, which has no DNSSEC-signed TLSA records"):format(nondane or ip));
+			return fail_target(session, hit, "required", ("connected to %s, which has no DNSSEC-signed TLSA records"):format(nondane or ip));
 		end
 		session.log("debug", "DANE: %s is not among the targets with TLSA records, leaving it to PKIX", ip);
 		return;
@@ -511,14 +704,14 @@ local function check_certificate(event)
 	dane.tls_required = true;
 	if not pems then
 		m_outcome:with_labels("mismatch"):add(1);
-		return refuse_session(session, "mismatch", "TLSA records are published but no certificate was presented");
+		return fail_target(session, hit, "mismatch", ("%s publishes TLSA records but presented no certificate"):format(base));
 	end
 	local started = clock();
 	local res, err = verifier:verify(pems, records, { base = base; names = names });
 	m_verify:sample(clock() - started);
 	if not res then
 		m_outcome:with_labels("mismatch"):add(1);
-		return refuse_session(session, "mismatch", ("the certificate chain could not be read (%s)"):format(err));
+		return fail_target(session, hit, "mismatch", ("the certificate chain of %s could not be read (%s)"):format(base, err));
 	end
 	if res.verdict == "verified" then
 		m_outcome:with_labels("verified"):add(1);
@@ -531,12 +724,12 @@ local function check_certificate(event)
 		return;
 	elseif res.verdict == "mismatch" then
 		m_outcome:with_labels("mismatch"):add(1);
-		return refuse_session(session, "mismatch", ("certificate of %s does not match its TLSA records (%s)"):format(base, res.error));
+		return fail_target(session, hit, "mismatch", ("certificate of %s does not match its TLSA records (%s)"):format(base, res.error));
 	end
 	-- every record unusable: encrypted, not authenticated by DANE (RFC 7672 style)
 	m_outcome:with_labels("unusable-only"):add(1);
 	if policy == "required" then
-		return refuse_session(session, "unusable-only", ("every TLSA record of %s is unusable"):format(base));
+		return fail_target(session, hit, "unusable-only", ("every TLSA record of %s is unusable"):format(base));
 	end
 	session.log("warn", "DANE: every TLSA record of %s is unusable; continuing with PKIX", base);
 end
@@ -547,9 +740,9 @@ function module.add_host(host_module)
 	host_module:hook("route/remote", route_remote, -5); -- after existing sessions (-1), before new ones (-10)
 	host_module:hook("s2sout-created", function (event)
 		local session = event.session;
+		-- kept in routing[] for the resolver mod_s2s builds next (filtered_service_new)
 		local r = routing[session.to_host];
-		routing[session.to_host] = nil;
-		if r then session.native_dane = r; end
+		if r then session.native_dane = { state = r.state; policy = r.policy }; end
 	end);
 	-- TLSA published means TLS is mandatory (RFC 7673 3.4)
 	host_module:hook("s2s-authenticated", function (event)
@@ -696,6 +889,9 @@ local function check(domain, lookup_all, wait, say)
 	say(("  SRV _xmpps-server._tcp.%s (Direct TLS): %s"):format(domain, state.srv_direct or "not looked up"));
 	say(("  SRV _xmpp-server._tcp.%s: %s"):format(domain, state.srv or "not looked up"));
 	if state.note then say("  " .. state.note); end
+	if state.life then
+		say(("  the server keeps this decision %ds (bounded by %s)"):format(state.life.ttl, state.life.why));
+	end
 	for _, t in ipairs(state.targets) do
 		local addrs = {};
 		for _, a in pairs(t.addrs) do addrs[#addrs + 1] = a; end
@@ -806,8 +1002,14 @@ function shell:show()
 	local n = 0;
 	for domain, c in pairs(cache) do
 		n = n + 1;
-		print(("%s: %s%s (policy %s, cached %ds more)"):format(domain, c.state.outcome, c.state.refuse and (" - " .. c.state.refuse) or "",
-			policy_for(domain), math.max(0, math.floor(c.expires - clock()))));
+		local life = c.state.life or {};
+		print(("%s: %s%s (policy %s, cached %ds more, bounded by %s)"):format(domain, c.state.outcome,
+			c.state.refuse and (" - " .. c.state.refuse) or "", policy_for(domain), math.max(0, math.floor(c.expires - clock())),
+			life.why or "dane_cache_ttl"));
+		for _, t in ipairs(c.state.targets) do
+			local failed = c.state.failed and c.state.failed[t];
+			if failed then print(("  target %s:%d skipped: %s"):format(t.host, t.port, failed)); end
+		end
 	end
 	return true, ("%d domain(s) in the DANE cache"):format(n);
 end
@@ -815,5 +1017,6 @@ end
 env.dane = shell;
 function module.unload()
 	if env.dane == shell then env.dane = nil; end
+	if service_resolvers.new == filtered_service_new then service_resolvers.new = service_new; end
 	if verifier then verifier:close(); end
 end

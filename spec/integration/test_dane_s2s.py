@@ -378,11 +378,14 @@ def test_check_command_warns_before_tlsa_signatures_expire(world):
 
 
 def test_a_target_with_bogus_tlsa_is_never_used_without_dane(world):
-    # Prosody 0.12 picks the preferred SRV target itself; its TLSA records are bogus, so the connection to it is
-    # refused after TLS (the good target is not tried: mod_s2s does not fall back after a stream is closed)
+    # the preferred SRV target's TLSA records are bogus: it is never connected to (RFC 7673 3.4, Prosody 0.12 would
+    # connect without DANE); Prosody goes on to the next target, whose records verify
     out = ping(world["a"], "mixed.dane.example")
-    assert "pong" not in out and "DANE: TLSA records of _" in out and "t-mixed-bad.dane.example are bogus" in out, out
-    assert re.search(r"DANE: refusing s2s connection to mixed\.dane\.example: TLSA records of .*t-mixed-bad", world["a"].log_text())
+    assert "pong from mixed.dane.example" in out, out
+    log = world["a"].log_text()
+    assert "DANE: mixed.dane.example verified by TLSA 3 1 1 at depth 0 (target t-mixed-good.dane.example)" in log, log[-3000:]
+    assert re.search(r"DANE: skipping 127\.0\.0\.3 port \d+ for mixed\.dane\.example", log), log[-3000:]
+    assert "Next target to try is 127.0.0.3:" not in log
 
 
 def test_direct_tls_targets_are_verified_too(world):
