@@ -944,20 +944,40 @@ local function enforce_hibernation_cap(username)
 	end
 end
 
+-- mod_csi_battery_saver holds unimportant stanzas of an inactive client in its own queue
+-- (session.pump) in front of ours. When the connection goes they are moved into ours, so
+-- hibernation, resumption and the expiry policy see them instead of their dying with the
+-- session; a hibernating session's pump then passes everything straight on (to be queued).
+local function take_csi_pump(session, hibernating)
+	local pump = session.pump;
+	if type(pump) ~= "table" or type(pump.flush) ~= "function" or not session.outgoing_stanza_queue then return; end
+	pump:flush(function (stanza)
+		if is_stanza(stanza) and session.outgoing_stanza_queue then
+			queue_push(session, tostring(stanza), stanza);
+		end
+	end);
+	if hibernating and type(pump.resume) == "function" then pump:resume(); end
+end
+
 module:hook("pre-resource-unbind", function (event)
 	local session = event.session;
 	if not session.smacks then
-		if session.outgoing_stanza_queue then discard_queue(session, "disconnect"); end
+		if session.outgoing_stanza_queue then
+			take_csi_pump(session, false);
+			discard_queue(session, "disconnect");
+		end
 		return;
 	end
 	if not session.resumption_token then
 		end_hibernation_count(session);
+		take_csi_pump(session, false);
 		discard_queue(session, session.hibernating and "expired" or "disconnect");
 		return;
 	end
 	if session.hibernating then return true; end
 
 	session.hibernating = os.time();
+	take_csi_pump(session, true);
 	hibernation_seq = hibernation_seq + 1;
 	session.native_smacks_hibernated = hibernation_seq; -- orders sessions within the same second
 	session.awaiting_ack = nil;
