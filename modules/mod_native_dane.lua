@@ -891,6 +891,13 @@ local function check(domain, lookup_all, wait, say)
 	if state.note then say("  " .. state.note); end
 	if state.life then
 		say(("  the server keeps this decision %ds (bounded by %s)"):format(state.life.ttl, state.life.why));
+		local expires = state.life.expires;
+		if expires then
+			say(("  the first signature it rests on (SRV, address or TLSA) expires %s"):format(os.date("!%Y-%m-%d %H:%M", expires)));
+			if expires - os.time() < options.rrsig_warn_days * 86400 then
+				warn("a signature of the DNS records of %s expires within %g days: re-sign the zone", domain, options.rrsig_warn_days);
+			end
+		end
 	end
 	for _, t in ipairs(state.targets) do
 		local addrs = {};

@@ -66,6 +66,9 @@ def world(tmp_path_factory):
                           (10, "t-fb-good", B_MAIN, [f"3 1 1 {ee}"], None)])
     receiver("fallback-all", [(0, "t-fa-1", B_BAD, [f"3 1 1 {tb.flip(ee)}"], None),
                               (10, "t-fa-2", B_MAIN, [f"3 0 1 {tb.flip(tb.tlsa_data(pki['leaf'], 0, 1))}"], None)])
+    # the next target is not listening at all
+    receiver("fallback-dead", [(0, "t-fd-bad", B_BAD, [f"3 1 1 {tb.flip(ee)}"], None),
+                               (10, "t-fd-dead", "127.0.0.6", [f"3 1 1 {ee}"], None)])
     bed.start()
 
     unbound = {"resolvconf": False, "hoststxt": False, "forward": bed.resolver, "trusted": bed.trust_anchor}
@@ -212,6 +215,10 @@ def test_check_command_says_how_long_the_decision_is_kept(world):
     out = res.stdout.decode(errors="replace")
     assert res.returncode == 0, out
     assert re.search(r"the server keeps this decision (\d+)s \(bounded by TTL 300 of ", out), out
+    # the test bed signs for 30 days
+    m = re.search(r"the first signature it rests on \(SRV, address or TLSA\) expires (\d{4}-\d\d-\d\d)", out)
+    assert m and m.group(1) == time.strftime("%Y-%m-%d", time.gmtime(time.time() + 30 * 86400)), out
+    assert "re-sign the zone" not in out, out
 
 
 # -- fallback to the next SRV target --------------------------------------------------------------------------------
@@ -267,3 +274,10 @@ def test_when_every_target_fails_the_bounce_names_each_cause(world):
     out = ping(a, "fallback-all.dane.example")
     assert "DANE: no target of fallback-all.dane.example could be verified" in out, out
     assert len(re.findall(r"DANE: refusing s2s connection to fallback-all\.dane\.example: ", a.log_text())) == 2
+
+
+def test_when_the_next_target_fails_otherwise_the_bounce_still_names_the_dane_failure(world):
+    out = ping(world["a"], "fallback-dead.dane.example")
+    assert "pong" not in out, out
+    assert re.search(r"DANE: certificate of t-fd-bad\.dane\.example does not match its TLSA records \([^)]*\); "
+                     r"then the next target: .*refused", out, re.I), out
