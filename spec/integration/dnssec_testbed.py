@@ -74,7 +74,8 @@ def run(cmd, cwd=None, check=True):
 
 
 class DNSSECTestbed:
-    def __init__(self, tmp):
+    def __init__(self, tmp, negative_ttl=300):
+        self.negative_ttl = negative_ttl  # SOA minimum: the TTL ldns-signzone gives NSEC records
         self.dir = Path(tmp)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.records = []        # (owner relative to ZONE, type, rdata, bogus)
@@ -115,7 +116,7 @@ class DNSSECTestbed:
 
     def _zone_text(self, origin, records):
         lines = [f"$ORIGIN {origin}", "$TTL 300",
-                 f"@ IN SOA ns.{ZONE} hostmaster.{ZONE} {self.serial} 3600 600 86400 300",
+                 f"@ IN SOA ns.{ZONE} hostmaster.{ZONE} {self.serial} 3600 600 86400 {self.negative_ttl}",
                  f"@ IN NS ns.{ZONE}"]
         for rec in records:
             owner, rtype, rdata = rec[0], rec[1], rec[2]
