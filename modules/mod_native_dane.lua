@@ -3,7 +3,9 @@
 -- `check` command. Resolution and policy live here (through lua-unbound with DNSSEC
 -- status, as Prosody's net.adns); matching TLSA records against the peer's chain is
 -- the prosody_native.dane engine's job, on OpenSSL's DANE engine, after the handshake,
--- so it works on every network backend.
+-- so it works on every network backend. A decision lives as long as the records it rests
+-- on (their RRSIGs' original TTLs), and a target that fails DANE hands its queued stanzas
+-- on to the next SRV target.
 -- luacheck: globals prosody
 
 module:set_global();

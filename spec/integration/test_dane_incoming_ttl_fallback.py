@@ -256,6 +256,9 @@ def test_a_dane_failure_on_one_target_falls_back_to_the_next(world):
     assert "Sending error replies for" not in "\n".join(l for l in a_log.splitlines() if "fallback.dane.example" in l)
     after = scrape(a)
     assert metric(after, "fallbacks", "reason", "mismatch") == metric(before, "fallbacks", "reason", "mismatch") + 1
+    shown = a.shell("dane:show()", check=False)
+    assert re.search(r"  target t-fb-bad\.dane\.example:\d+ skipped: certificate of t-fb-bad\.dane\.example does not match",
+                     shown), shown
     # the next connection goes straight to the good target while the decision lives
     close_s2s(world, "fallback.dane.example")
     out = ping(a, "fallback.dane.example")
