@@ -74,8 +74,9 @@ def run(cmd, cwd=None, check=True):
 
 
 class DNSSECTestbed:
-    def __init__(self, tmp, negative_ttl=300):
-        self.negative_ttl = negative_ttl  # SOA minimum: the TTL ldns-signzone gives NSEC records
+    def __init__(self, tmp, negative_ttl=300, sig_validity=None):
+        self.negative_ttl = negative_ttl  # SOA TTL and minimum: ldns-signzone gives NSEC records the smaller of the two
+        self.sig_validity = sig_validity  # seconds from now to the RRSIGs' expiration (default: 30 days, to the day)
         self.dir = Path(tmp)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.records = []        # (owner relative to ZONE, type, rdata, bogus)
@@ -116,7 +117,7 @@ class DNSSECTestbed:
 
     def _zone_text(self, origin, records):
         lines = [f"$ORIGIN {origin}", "$TTL 300",
-                 f"@ IN SOA ns.{ZONE} hostmaster.{ZONE} {self.serial} 3600 600 86400 {self.negative_ttl}",
+                 f"@ {self.negative_ttl} IN SOA ns.{ZONE} hostmaster.{ZONE} {self.serial} 3600 600 86400 {self.negative_ttl}",
                  f"@ IN NS ns.{ZONE}"]
         for rec in records:
             owner, rtype, rdata = rec[0], rec[1], rec[2]
@@ -130,7 +131,10 @@ class DNSSECTestbed:
 
     def _sign(self, zonefile, origin, zsk, ksk):
         inception = time.strftime("%Y%m%d", time.gmtime(time.time() - 86400))
-        expiration = time.strftime("%Y%m%d", time.gmtime(time.time() + 30 * 86400))
+        if self.sig_validity is None:
+            expiration = time.strftime("%Y%m%d", time.gmtime(time.time() + 30 * 86400))
+        else:
+            expiration = time.strftime("%Y%m%d%H%M%S", time.gmtime(time.time() + self.sig_validity))
         run(["ldns-signzone", "-i", inception, "-e", expiration, "-o", origin, zonefile, zsk, ksk], cwd=self.dir)
         return self.dir / (zonefile + ".signed")
 

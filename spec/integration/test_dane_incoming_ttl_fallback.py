@@ -287,3 +287,26 @@ def test_when_the_next_target_fails_otherwise_the_bounce_still_names_the_dane_fa
     assert "pong" not in out, out
     assert re.search(r"DANE: certificate of t-fd-bad\.dane\.example does not match its TLSA records \([^)]*\); "
                      r"then the next target: .*refused", out, re.I), out
+
+
+def test_signature_expiry_bounds_the_decision_and_warns(tmp_path):
+    # records with a one-day TTL, signatures that run out in an hour: the decision must not outlive the signatures
+    bed = tb.DNSSECTestbed(tmp_path / "dns", negative_ttl=86400, sig_validity=3600)
+    bed.add("_xmpp-server._tcp.expiring", "SRV", "0 0 5269 t-expiring.dane.example.", ttl=86400)
+    bed.add("t-expiring", "A", "127.0.0.7", ttl=86400)
+    bed.add("_5269._tcp.t-expiring", "TLSA", "3 1 1 " + "ab" * 32, ttl=86400)
+    bed.start()
+    srv = S2SProsody(name="dane-expiring", s2s_port=tb.free_port(), s2s_interface="127.0.0.1", vhosts=[SENDER],
+                     modules=["native_dane"],
+                     global_options={"unbound": {"resolvconf": False, "hoststxt": False, "forward": bed.resolver,
+                                                 "trusted": bed.trust_anchor},
+                                     "dane_cache_ttl": 86400, "dane_check_timeout": 2})
+    try:
+        res = srv.prosodyctl("mod_native_dane", "check", "expiring.dane.example", timeout=60, check=False)
+        out = res.stdout.decode(errors="replace")
+        m = re.search(r"the server keeps this decision (\d+)s \(bounded by RRSIG expiry of \S+ (SRV|A|TLSA|NSEC)\)", out)
+        assert m and 3500 <= int(m.group(1)) <= 3600, out
+        assert "WARNING: a signature of the DNS records of expiring.dane.example expires within 7 days" in out, out
+    finally:
+        srv.cleanup()
+        bed.stop()
