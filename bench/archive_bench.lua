@@ -355,6 +355,24 @@ local function instrument_engine(store, methods)
 	return stats
 end
 
+-- mod_storage_native commits appends in batches (group commit, durability "normal"): the batch
+-- still open when a timed loop ends is committed inside the timed region, so every measured
+-- append has paid its share of a commit. No-op for the other drivers.
+local function flush_pending(store)
+	local mt = getmetatable(store)
+	local index = mt and type(mt.__index) == "table" and mt.__index
+	if not index or type(index.append) ~= "function" then return end
+	for i = 1, 64 do
+		local name, v = debug.getupvalue(index.append, i)
+		if not name then break end
+		if name == "db" and type(v) == "userdata" then
+			local flush = v.flush
+			if flush then assert(flush(v)) end
+			return
+		end
+	end
+end
+
 ---------------------------------------------------------------------------------------------------
 -- phases
 
@@ -383,6 +401,7 @@ local function append_loop(store, n, user_of, keep_keys, wal, budget)
 			if sz and sz > (wal_peak or 0) then wal_peak = sz end
 		end
 	end
+	flush_pending(store)
 	local w1, c1, m1 = clocks()
 	table.sort(lat)
 	return {
@@ -419,6 +438,7 @@ function phases.append(job)
 				if not key then error(("async append %d failed: %s"):format(i, tostring(err))) end
 				sleep(0)
 			end
+			flush_pending(store)
 		end)
 		stats.n = n
 		out[name] = { one = one, many = many, async = stats, users = job.users }
@@ -962,9 +982,12 @@ local function parent_main(argv)
 		for _, d in ipairs({ "native", "native_full" }) do
 			local a = app[d] and app[d].one
 			if a and sql then
-				print(("   %s: append throughput %.1fx sql's default (%.0f vs %.0f msg/s; issue target >= 40x in a durable mode); main-thread cost %.1f µs/append wall, %.1f µs main cpu (target <= 50 µs)")
-					:format(DRIVER_INFO[d].label, (a.n / a.wall) / (sql.n / sql.wall), a.n / a.wall, sql.n / sql.wall,
-						a.wall / a.n * 1e6, (a.main_cpu or 0) / a.n * 1e6))
+				local ratio, cpu = (a.n / a.wall) / (sql.n / sql.wall), (a.main_cpu or 0) / a.n * 1e6
+				print(("   %s: append throughput %.1fx sql's default (%.0f vs %.0f msg/s; issue target >= 40x in a durable mode: %s); main-thread cost %.1f µs/append wall, %.1f µs main cpu (target <= 50 µs: %s)")
+					:format(DRIVER_INFO[d].label, ratio, a.n / a.wall, sql.n / sql.wall, ratio >= 40 and "met" or "not met",
+						a.wall / a.n * 1e6, cpu, (a.main_cpu and cpu <= 50) and "met" or "not met"))
+				print(("   %s: commits included (the batch still open at the end is committed inside the timed loop); wall cost over 1000 users %.1f µs, main cpu %.1f µs")
+					:format(DRIVER_INFO[d].label, app[d].many.wall / app[d].many.n * 1e6, (app[d].many.main_cpu or 0) / app[d].many.n * 1e6))
 			end
 			local as = app[d] and app[d].async
 			if as then
