@@ -365,6 +365,16 @@ typedef struct {
 	double rate, burst;
 } bucket;
 
+/* One rule checked for one address, for as long as a session lives: the key is
+ * split once, and each level remembers where its entry was, so a repeat check
+ * needs no hashing as long as the entry still holds that key. */
+typedef struct {
+	limiter *l;
+	uint64_t hi, lo;
+	int rule, fam;
+	uint32_t hint[MAX_LEVELS]; /* rate-table index + 1 of each level's entry; 0: unknown */
+} handle;
+
 /* Nanoseconds on the clock the table runs on (the coarse one costs a third). */
 static int64_t clock_ns(void) {
 	struct timespec ts;
@@ -539,20 +549,33 @@ static void mark_plen(limiter *l, int plen) {
 	l->ban_plens[plen / 64] |= (uint64_t)1 << (plen % 64);
 }
 
+/* rate_find, first trying the entry a handle remembered (and remembering the answer). */
+static rate_entry *rate_find_hinted(limiter *l, uint64_t hi, uint64_t lo, int plen, int rule, uint32_t *hint) {
+	rate_entry *e;
+	if(hint && *hint) {
+		e = &l->rate[*hint - 1];
+		if(e->used && e->hi == hi && e->lo == lo && e->plen == plen && e->rule == rule)
+			return e;
+	}
+	e = rate_find(l, hi, lo, plen, rule);
+	if(hint)
+		*hint = e ? (uint32_t)(e - l->rate) + 1 : 0;
+	return e;
+}
+
 /* ---------------------------------------------------------------- GCRA */
 
 /* Checks one rule against every level that applies to the key's family; charges all
  * of them when the worst wait is within max_wait. Returns 1 (allowed) or 0, the
- * wait in µs and the index of the limiting level (-1 if none). */
-static int do_check(limiter *l, int rule, const unsigned char key[16], double cost, int64_t max_wait,
-		int64_t *wait_out, int *level_out) {
+ * wait in µs and the index of the limiting level (-1 if none). `hints` (one per
+ * level, or NULL) are a handle's remembered entries. */
+static int check_words(limiter *l, int rule, uint64_t hi, uint64_t lo, int fam, double cost, int64_t max_wait,
+		uint32_t *hints, int64_t *wait_out, int *level_out) {
 	const rule_def *r = &l->rules[rule - 1];
 	rate_entry *held[MAX_LEVELS];
 	int64_t newtat[MAX_LEVELS];
-	uint64_t hi, lo;
 	int64_t now = now_us(l), worst = 0;
-	int fam = key_is_v4(key) ? 4 : 6, i, lvl = -1;
-	key_words(key, &hi, &lo);
+	int i, lvl = -1;
 	l->checks++;
 	for(i = 0; i < r->nlevels; i++) {
 		const level_def *d = &r->levels[i];
@@ -564,7 +587,7 @@ static int do_check(limiter *l, int rule, const unsigned char key[16], double co
 			continue;
 		}
 		mask_words(&h, &w, d->plen);
-		held[i] = rate_find(l, h, w, d->plen, rule);
+		held[i] = rate_find_hinted(l, h, w, d->plen, rule, hints ? &hints[i] : NULL);
 		tat = held[i] && held[i]->tat > now ? held[i]->tat : now;
 		newtat[i] = tat + (cost == 1 ? d->interval : (int64_t)(cost * (double)d->interval));
 		excess = newtat[i] - now - d->capacity;
@@ -589,11 +612,20 @@ static int do_check(limiter *l, int rule, const unsigned char key[16], double co
 			held[i] = rate_insert(l, h, w, d->plen, rule, now, held, r->nlevels);
 			if(!held[i])
 				continue;
+			if(hints)
+				hints[i] = (uint32_t)(held[i] - l->rate) + 1;
 		}
 		held[i]->tat = newtat[i];
 		held[i]->last = (uint32_t)(now >> 20);
 	}
 	return 1;
+}
+
+static int do_check(limiter *l, int rule, const unsigned char key[16], double cost, int64_t max_wait,
+		int64_t *wait_out, int *level_out) {
+	uint64_t hi, lo;
+	key_words(key, &hi, &lo);
+	return check_words(l, rule, hi, lo, key_is_v4(key) ? 4 : 6, cost, max_wait, NULL, wait_out, level_out);
 }
 
 /* ---------------------------------------------------------------- Lua helpers */
@@ -933,6 +965,44 @@ static int Lchecker(lua_State *L) {
 	check_rule(L, l, 2);
 	lua_settop(L, 2);
 	lua_pushcclosure(L, Lchecker_call, 2);
+	return 1;
+}
+
+/* handle(cost?, max_wait?) -> allowed, wait_seconds */
+static int Lhandle_call(lua_State *L) {
+	handle *h = lua_touserdata(L, lua_upvalueindex(1));
+	limiter *l = h->l;
+	double cost = luaL_optnumber(L, 1, 1);
+	double max_wait = luaL_optnumber(L, 2, 0);
+	int64_t wait;
+	int ok, lvl;
+	if(!l->rate)
+		return luaL_error(L, "attempt to use a closed limiter");
+	luaL_argcheck(L, cost >= 0 && cost <= 1e6, 1, "cost must be from 0 to 1000000");
+	if(h->rule > l->nrules)
+		return luaL_error(L, "unknown rule");
+	ok = check_words(l, h->rule, h->hi, h->lo, h->fam, cost, (int64_t)(max_wait * US), h->hint, &wait, &lvl);
+	lua_pushboolean(L, ok);
+	lua_pushnumber(L, (double)wait / US);
+	return 2;
+}
+
+/* lim:handle(rule, key16) -> function(cost?, max_wait?) -> allowed, wait_seconds
+ * lim:check(rule, key16, ...) for one session's address, made once per session:
+ * repeat checks skip parsing and, while its entries stay, hashing. */
+static int Lhandle(lua_State *L) {
+	limiter *l = check_open(L, 1);
+	int rule = check_rule(L, l, 2);
+	const unsigned char *key = check_key(L, 3);
+	handle *h = lua_newuserdatauv(L, sizeof *h, 1);
+	memset(h, 0, sizeof *h);
+	h->l = l;
+	h->rule = rule;
+	h->fam = key_is_v4(key) ? 4 : 6;
+	key_words(key, &h->hi, &h->lo);
+	lua_pushvalue(L, 1); /* the handle keeps its limiter alive */
+	lua_setiuservalue(L, -2, 1);
+	lua_pushcclosure(L, Lhandle_call, 1);
 	return 1;
 }
 
@@ -1379,6 +1449,7 @@ static const luaL_Reg limiter_methods[] = {
 	{ "now", Lnow },
 	{ "advance", Ladvance },
 	{ "bucket", Lbucket },
+	{ "handle", Lhandle },
 	{ NULL, NULL }
 };
 

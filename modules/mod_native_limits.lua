@@ -651,7 +651,10 @@ if not is_component then
 		end
 		local r = rule_for(s, "stanzas");
 		if ok and r then
-			local ok2, wait2 = lim:check(r, s.key, 1, config.max_delay);
+			if s.stanza_rule ~= r or s.stanza_lim ~= lim then -- bound once per session (and rule, and table)
+				s.stanza_rule, s.stanza_lim, s.stanza_check = r, lim, lim:handle(r, s.key);
+			end
+			local ok2, wait2 = s.stanza_check(1, config.max_delay);
 			if not ok2 or wait2 > wait then ok, wait, rule = ok2, wait2, "stanzas"; end
 		end
 		if ok then

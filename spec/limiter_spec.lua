@@ -261,6 +261,76 @@ describe("prosody_native.limiter", function ()
 			lim:close();
 			assert.has_error(function () check(k); end, "attempt to use a closed limiter");
 		end);
+
+		it("has per-session handles that answer as lim:check does, on every level", function ()
+			local a, b = manual(), manual();
+			local levels = {
+				{ family = "ipv6", bits = 128, rate = 1, burst = 2 },
+				{ family = "ipv6", bits = 64, rate = 1, burst = 3 },
+				{ family = "ipv4", bits = 32, rate = 1, burst = 2 },
+				{ family = "ipv4", bits = 24, rate = 1, burst = 3 },
+				{ family = "any", rate = 2, burst = 6 },
+			};
+			local ra, rb = a:rule("x", levels), b:rule("x", levels);
+			local texts = { "2001:db8::1", "2001:db8::2", "2001:db8:0:1::1", "192.0.2.1", "192.0.2.2", "::ffff:192.0.2.1" };
+			local handles = {};
+			for i, t in ipairs(texts) do handles[i] = a:handle(ra, addr(t)); end
+			math.randomseed(11);
+			for step = 1, 400 do
+				local i = math.random(#texts);
+				local cost, wait = math.random(0, 2), math.random(0, 1) * 0.5;
+				local want = { b:check(rb, addr(texts[i]), cost, wait) };
+				assert.same({ want[1], want[2] }, { handles[i](cost, wait) }, "step " .. step);
+				if step % 7 == 0 then a:advance(0.3); b:advance(0.3); end
+			end
+		end);
+
+		it("handles find their entries again after eviction, reset and rule changes", function ()
+			local lim = manual({ capacity = 64 });
+			local r = lim:rule("x", { { family = "ipv4", rate = 1, burst = 2 } });
+			local k = addr("192.0.2.9");
+			local h = lim:handle(r, k);
+			assert.same({ true, 0 }, { h() });
+			assert.same({ true, 0 }, { h() });
+			assert.same({ false, 1 }, { h() });
+			assert.same({ false, 1, 1 }, { lim:check(r, k) }); -- one state, however it is reached
+			assert.equal(1, lim:reset(k));
+			assert.same({ true, 0 }, { h() }); -- its entry was cleared: a fresh one
+			lim:advance(10); -- idle again, and the oldest: the first entry a flood replaces
+			-- a flood of other keys takes its slot; the handle must not charge whatever holds it now
+			for i = 1, 2000 do lim:check(r, addr(("198.51.%d.%d"):format(i // 250, i % 250))); end
+			local before = {};
+			for i = 1, 2000 do
+				local e = lim:show(addr(("198.51.%d.%d"):format(i // 250, i % 250))).rules[1];
+				before[i] = e and e.tokens or false;
+			end
+			assert.same({ true, 0 }, { h() });
+			assert.same({ true, 0 }, { h() });
+			assert.same({ false, 1 }, { h() }); -- a fresh entry of its own, spent after two
+			for i = 1, 2000 do
+				local e = lim:show(addr(("198.51.%d.%d"):format(i // 250, i % 250))).rules[1];
+				if e and before[i] then assert.is_true(e.tokens >= before[i], "charged another key"); end
+			end
+			lim:rule("x", { { family = "ipv4", rate = 1, burst = 4 } }); -- redefined: same id, new burst
+			assert.same({ true, 0 }, { h() });
+			assert.same({ true, 0 }, { h(1, 2) });
+			assert.has_error(function () h(-1); end);
+			assert.has_error(function () lim:handle(99, k); end);
+			assert.has_error(function () lim:handle(r, "short"); end);
+			lim:close();
+			assert.has_error(function () h(); end, "attempt to use a closed limiter");
+		end);
+
+		it("keeps its limiter alive", function ()
+			local h;
+			do
+				local lim = manual();
+				h = lim:handle(lim:rule("x", { { family = "ipv4", rate = 1, burst = 1 } }), addr("192.0.2.1"));
+			end
+			collectgarbage(); collectgarbage();
+			assert.same({ true, 0 }, { h() });
+			assert.same({ false, 1 }, { h() });
+		end);
 	end);
 
 	describe("strikes and bans", function ()
