@@ -595,11 +595,17 @@ end
 local function check_incoming(session, host)
 	local policy = policy_for(host);
 	if policy == "off" then return; end
-	if not async.ready() then
+	local c = cache[host];
+	if not async.ready() and not (c and c.expires > clock()) then
+		-- mod_s2s runs stream events in a runner; should that ever change, "required" stays closed
 		session.log("debug", "DANE: cannot resolve %s outside an async runner", host);
+		if policy == "required" then
+			m_refused:with_labels("incoming-resolution-error"):add(1);
+			session:close({ condition = "policy-violation"; text = "DANE is required for " .. host });
+			return false;
+		end
 		return;
 	end
-	local c = cache[host];
 	local state = c and c.expires > clock() and c.state;
 	if not state then
 		state = resolve(host, async_lookup_all);
