@@ -696,8 +696,11 @@ local function check_certificate(event)
 		return fail_target(session, hit, "bogus", skipped);
 	end
 	if not base and not nondane and all_dane then
-		-- every usable target has TLSA records, yet this address is none of theirs
+		-- every usable target has TLSA records, yet this address is none of theirs: the
+		-- decision may be older than Prosody's own lookup, so the next attempt resolves anew
 		m_outcome:with_labels("mismatch"):add(1);
+		local c = cache[session.to_host];
+		if c and c.state == state then cache[session.to_host] = nil; end
 		return refuse_session(session, "unmatched-address",
 			("connected to %s, which is not an address of any DNSSEC-validated target"):format(tostring(ip)));
 	end
