@@ -130,36 +130,36 @@ t = best(function () for i = 1, N do lua_check(hot_text[i % 512 + 1]); end end);
 local lua_hot = t;
 report("Lua util.cache + util.throttle, hot key (512 in turn)", lua_hot, "ns/check");
 
--- A realistic working set: 20,000 active visitors (half IPv4, half IPv6), each check for a random
--- one of them, as events arrive; the anchor's cache holds them all (no misses), the native side
--- uses one handle per session, as the shim does.
-local ACTIVE = 20000;
-local active_text, active_handles, seq = {}, {}, {};
-for i = 1, ACTIVE do
-	active_text[i] = i % 2 == 0 and ("203.0.%d.%d"):format(i // 250 % 250, i % 250 + 1)
-		or ("2001:db8:%x:%x::%x"):format(i % 4096, i // 4096, i);
-	active_handles[i] = lim:handle(rule, assert(limiter.address(active_text[i])));
-end
-math.randomseed(42);
-for i = 1, N do seq[i] = math.random(ACTIVE); end
-for i = 1, ACTIVE do lua_check(active_text[i]); end -- warm: every visitor already known
-
-t = best(function () for i = 1, N do lua_check(active_text[seq[i]]); end end);
-local lua_real = t;
-report("Lua util.cache + util.throttle, 20,000 active, random order", lua_real, "ns/check");
-
 local lua_check_set = lua_checker_set(LUA_CAPACITY);
-for i = 1, ACTIVE do lua_check_set(active_text[i]); end
 t = best(function () for _ = 1, N do lua_check_set("198.51.0.1"); end end);
 local lua_one_set = t;
 report("  same, get+set+poll (mod_register_limits), one hot key", lua_one_set, "ns/check");
-t = best(function () for i = 1, N do lua_check_set(active_text[seq[i]]); end end);
-local lua_real_set = t;
-report("  same, get+set+poll (mod_register_limits), 20,000 active", lua_real_set, "ns/check");
 
-t = best(function () for i = 1, N do active_handles[seq[i]](); end end);
-local native_real = t;
-report("native per-session handle, 20,000 active, random order", native_real, "ns/check");
+-- Realistic working sets: `active` visitors (half IPv4, half IPv6), each check for a random one
+-- of them, as events arrive. The anchor's cache holds them all (no misses); the native side uses
+-- one handle per session, as the shim does.
+local function working_set(active)
+	local texts, handles, seq = {}, {}, {};
+	for i = 1, active do
+		texts[i] = i % 2 == 0 and ("203.0.%d.%d"):format(i // 250 % 250, i % 250 + 1)
+			or ("2001:db8:%x:%x::%x"):format(i % 4096, i // 4096, i);
+		handles[i] = lim:handle(rule, assert(limiter.address(texts[i])));
+	end
+	math.randomseed(42);
+	for i = 1, N do seq[i] = math.random(active); end
+	local get_poll, get_set_poll = lua_checker(LUA_CAPACITY), lua_checker_set(LUA_CAPACITY);
+	for i = 1, active do get_poll(texts[i]); get_set_poll(texts[i]); end -- warm: every visitor known
+	local label = ("%d active, random order"):format(active);
+	local lua = best(function () for i = 1, N do get_poll(texts[seq[i]]); end end);
+	report("Lua util.cache + util.throttle, " .. label, lua, "ns/check");
+	local lua_set = best(function () for i = 1, N do get_set_poll(texts[seq[i]]); end end);
+	report("  same, get+set+poll (mod_register_limits), " .. label, lua_set, "ns/check");
+	local native = best(function () for i = 1, N do handles[seq[i]](); end end);
+	report("native per-session handle, " .. label, native, "ns/check");
+	return lua, lua_set, native;
+end
+local lua_2k, lua_set_2k, native_2k = working_set(2000);
+local lua_real, lua_real_set, native_real = working_set(20000);
 
 t = best(function () for i = 1, N do lua_check(cold_text[i % COLD + 1]); end end, 1); -- 10+ s a round
 local lua_cold = t;
@@ -176,8 +176,10 @@ end
 
 report("speed-up, one hot key anchor / native hot handle", lua_one / native_hot, "x");
 report("speed-up, hot key (512) anchor / native hot handle", lua_hot / native_hot, "x");
+report("speed-up, 2,000 active, anchor / native handle", lua_2k / native_2k, "x");
 report("speed-up, 20,000 active, anchor / native handle", lua_real / native_real, "x");
 report("speed-up, one hot key, register_limits anchor / native hot handle", lua_one_set / native_hot, "x");
+report("speed-up, 2,000 active, register_limits anchor / native handle", lua_set_2k / native_2k, "x");
 report("speed-up, 20,000 active, register_limits anchor / native handle", lua_real_set / native_real, "x");
 report("speed-up, cold key (Lua / native)", lua_cold / native_cold, "x");
 
