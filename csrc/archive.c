@@ -58,7 +58,7 @@ struct checkpointer {
 	pthread_cond_t synced_cond;
 	double interval;
 	char *path;
-	int log_fd;        /* the append log to fdatasync with each checkpoint, or -1 */
+	int log_fd[2];     /* the append logs to fdatasync with each checkpoint, or -1 */
 };
 
 typedef struct {
@@ -81,9 +81,14 @@ typedef struct {
 	double batch_delay;        /* seconds an open batch may wait for more appends */
 	int batch_open, batch_count;
 	double batch_started;
-	int log_fd;                /* the append log, locked; -1 when another process has it */
+	/* Two append logs, written in turn: a log is overwritten only once the WAL holding
+	 * the commits of its records is on disk (its ticket), so a record always has one
+	 * durable copy after the first background sync. log_fd[0] carries the lock. */
+	int log_fd[2];             /* -1 when another process has the logs */
+	off_t log_size[2];         /* where the next record goes in each */
+	unsigned long log_ticket[2];
+	int log_cur;               /* the log being written */
 	int log_dirty;             /* the log holds appends the database lost (rolled back) */
-	off_t log_size;            /* where the next record goes */
 	uint64_t next_lsn;
 	unsigned char *rec;        /* record buffer, reused */
 	size_t rec_cap;
@@ -617,15 +622,13 @@ static void sync_db_file(sqlite3 *db) {
 /* The restart holds the write lock while it copies the frames still left and fsyncs
  * the database file: with nothing prepared, that fsync flushed everything the passive
  * pass had written and blocked the writer for 50-230 ms (measured during a 1,000,000
- * row expiry). So flush first and copy what came in meanwhile, both without a lock:
- * the restart is left a few frames and a short fsync. */
+ * row expiry). So flush first, without a lock: the restart is left the frames that
+ * came in meanwhile and a short fsync. */
 static void checkpoint(sqlite3 *db) {
 	int frames = 0, copied = 0;
 	sqlite3_wal_checkpoint_v2(db, NULL, SQLITE_CHECKPOINT_PASSIVE, &frames, &copied);
 	if(frames <= WAL_RESET_FRAMES)
 		return;
-	sync_db_file(db);
-	sqlite3_wal_checkpoint_v2(db, NULL, SQLITE_CHECKPOINT_PASSIVE, &frames, &copied);
 	sync_db_file(db);
 	sqlite3_wal_checkpoint_v2(db, NULL, SQLITE_CHECKPOINT_RESTART, NULL, NULL);
 }
@@ -708,8 +711,10 @@ static void *checkpointer_main(void *arg) {
 		if(due) {
 			/* appends still waiting in an open batch: their records in the log are what
 			 * a power cut would keep, so they get the same window as the WAL */
-			if(c->log_fd >= 0)
-				fdatasync(c->log_fd);
+			if(c->log_fd[0] >= 0) {
+				fdatasync(c->log_fd[0]);
+				fdatasync(c->log_fd[1]);
+			}
 			checkpoint(db);
 			next_checkpoint = pn_monotonic() + c->interval;
 		}
@@ -722,9 +727,10 @@ static void *checkpointer_main(void *arg) {
 	return NULL;
 }
 
-static int checkpointer_start(struct checkpointer *c, const char *path, double interval, int log_fd) {
+static int checkpointer_start(struct checkpointer *c, const char *path, double interval, const int log_fd[2]) {
 	pthread_condattr_t attr;
-	c->log_fd = log_fd;
+	c->log_fd[0] = log_fd[0];
+	c->log_fd[1] = log_fd[1];
 	c->path = strdup(path);
 	if(!c->path)
 		return -1;
@@ -798,7 +804,7 @@ static void reopen_after_fork(lua_State *L, archive_db *a) {
 	a->pid = getpid();
 	a->generation = fork_generation;
 	a->batch_open = a->batch_count = 0;
-	if(a->log_fd >= 0 && a->log_size > 0)
+	if(a->log_fd[0] >= 0 && a->log_size[a->log_cur] > 0)
 		a->log_dirty = 1;
 	if(open_database(a, a->path, a->durable, a->busy_ms, &readonly) != NULL
 			|| checkpointer_start(&a->ckpt, a->path, a->interval, a->log_fd) != 0) {
@@ -821,6 +827,7 @@ static archive_db *check_db(lua_State *L) {
 }
 
 static void archive_release(lua_State *L, archive_db *a) {
+	int i;
 	if(a->db && a->pid != getpid()) {
 		/* the parent's connection and thread: not ours to close */
 		a->db = NULL;
@@ -828,9 +835,16 @@ static void archive_release(lua_State *L, archive_db *a) {
 	if(a->db) {
 		sqlite3_wal_hook(a->db, NULL, NULL);
 		checkpointer_stop(&a->ckpt);
-		/* a batch that cannot be committed now stays in the log for the next open */
-		if(a->batch_open && !sqlite3_get_autocommit(a->db) && batch_commit(a) == 0 && a->log_fd >= 0)
-			(void)!ftruncate(a->log_fd, 0);
+		/* A batch that cannot be committed now stays in the logs for the next open;
+		 * once all is committed and the WAL is on disk, the logs are not needed. */
+		int clean = a->log_fd[0] >= 0 && !a->log_dirty;
+		if(a->batch_open)
+			clean = clean && !sqlite3_get_autocommit(a->db) && batch_commit(a) == 0;
+		if(clean) {
+			sync_wal(a->db);
+			(void)!ftruncate(a->log_fd[0], 0);
+			(void)!ftruncate(a->log_fd[1], 0);
+		}
 		a->batch_open = 0;
 		recover(a);
 		exec_sql(a, "PRAGMA optimize");
@@ -850,9 +864,11 @@ static void archive_release(lua_State *L, archive_db *a) {
 	free(a->rec);
 	a->rec = NULL;
 	a->rec_cap = 0;
-	if(a->log_fd >= 0)
-		close(a->log_fd);
-	a->log_fd = -1;
+	for(i = 0; i < 2; i++) {
+		if(a->log_fd[i] >= 0)
+			close(a->log_fd[i]);
+		a->log_fd[i] = -1;
+	}
 }
 
 static const char *const SCHEMA[] = {
@@ -974,7 +990,7 @@ static int Larchive_open(lua_State *L) {
 	a = lua_newuserdatauv(L, sizeof *a, 0);
 	memset(a, 0, sizeof *a);
 	a->element_mt_ref = LUA_NOREF;
-	a->log_fd = -1;
+	a->log_fd[0] = a->log_fd[1] = -1;
 	luaL_setmetatable(L, ARCHIVE_MT);
 
 	if(!lua_isnoneornil(L, 2)) {
@@ -1290,13 +1306,13 @@ static int log_write(archive_db *a, const struct append_rec *r) {
 	put32(p + 4, (uint32_t)(total - LOG_HEAD));
 	put32(p + 8, crc32_of(p + LOG_HEAD, total - LOG_HEAD));
 	do
-		done = pwrite(a->log_fd, p, total, a->log_size);
+		done = pwrite(a->log_fd[a->log_cur], p, total, a->log_size[a->log_cur]);
 	while(done < 0 && errno == EINTR);
 	if(done != (ssize_t)total) {
-		(void)!ftruncate(a->log_fd, a->log_size);
+		(void)!ftruncate(a->log_fd[a->log_cur], a->log_size[a->log_cur]);
 		return -1;
 	}
-	a->log_size += (off_t)total;
+	a->log_size[a->log_cur] += (off_t)total;
 	return 0;
 }
 
@@ -1365,88 +1381,146 @@ static int set_applied_lsn(archive_db *a, uint64_t lsn) {
 	return rc == SQLITE_DONE ? 0 : -1;
 }
 
-/* Applies every record of the log the database does not have yet (lsn above the
- * applied one), in one transaction that also records the last lsn, then empties the
- * log. Returns 0, -1 on SQLite error or -2 on a failure to read the log (errno). */
-static int log_replay(archive_db *a) {
+/* Reads a whole log into memory; *buf is NULL for an empty one. -1 with errno. */
+static int log_read(int fd, unsigned char **buf, size_t *size) {
 	struct stat sb;
-	unsigned char *buf = NULL;
-	char *names = NULL;
-	size_t size, at = 0, got = 0;
-	uint64_t applied, last;
-	int failed = 0;
-	if(fstat(a->log_fd, &sb) != 0)
-		return -2;
-	size = (size_t)sb.st_size;
-	if(size > 0) {
-		buf = malloc(size);
-		names = malloc(size + 3);
-		if(!buf || !names) {
-			free(buf);
-			free(names);
-			errno = ENOMEM;
-			return -2;
-		}
-		while(got < size) {
-			ssize_t n = pread(a->log_fd, buf + got, size - got, (off_t)got);
-			if(n < 0 && errno == EINTR)
-				continue;
-			if(n <= 0)
-				break;
-			got += (size_t)n;
-		}
-		size = got;
-	}
-	if(exec_sql(a, "BEGIN IMMEDIATE") != SQLITE_OK) {
-		free(buf);
-		free(names);
+	size_t got = 0;
+	*buf = NULL;
+	*size = 0;
+	if(fstat(fd, &sb) != 0)
+		return -1;
+	if(sb.st_size == 0)
+		return 0;
+	*buf = malloc((size_t)sb.st_size);
+	if(!*buf) {
+		errno = ENOMEM;
 		return -1;
 	}
-	if(applied_lsn(a, &applied) < 0)
-		failed = 1;
-	last = applied;
-	while(!failed && at < size) {
-		struct append_rec r = { 0 };
-		size_t len = log_parse(buf + at, size - at, &r, names);
-		if(!len)
+	while(got < (size_t)sb.st_size) {
+		ssize_t n = pread(fd, *buf + got, (size_t)sb.st_size - got, (off_t)got);
+		if(n < 0 && errno == EINTR)
+			continue;
+		if(n <= 0)
 			break;
-		if(r.lsn > applied && apply_append(a, &r, -1) < 0)
-			failed = 1;
-		if(r.lsn > last)
-			last = r.lsn;
-		at += len;
+		got += (size_t)n;
 	}
-	free(buf);
-	free(names);
-	if(failed || set_applied_lsn(a, last) < 0 || exec_sql(a, "COMMIT") != SQLITE_OK) {
-		if(!sqlite3_get_autocommit(a->db))
-			exec_sql(a, "ROLLBACK");
-		return -1;
-	}
-	if(last >= a->next_lsn)
-		a->next_lsn = last + 1;
-	a->log_dirty = 0;
-	a->log_size = 0;
-	if(ftruncate(a->log_fd, 0) != 0)
-		return -2;
+	*size = got;
 	return 0;
 }
 
-/* Opens and locks the append log next to the database. Another process that holds
- * it (Prosody, while prosodyctl runs) leaves this one committing each append. */
+struct log_entry {
+	uint64_t lsn;
+	const unsigned char *at;
+	size_t left;
+};
+
+static int entry_order(const void *x, const void *y) {
+	const struct log_entry *a = x, *b = y;
+	return a->lsn < b->lsn ? -1 : a->lsn > b->lsn;
+}
+
+/* Applies every record of both logs the database does not have yet (lsn above the
+ * applied one), in lsn order, in one transaction that also records the last lsn, then
+ * empties the logs. Returns 0, -1 on SQLite error or -2 on a failure to read (errno). */
+static int log_replay(archive_db *a) {
+	unsigned char *buf[2] = { NULL, NULL };
+	size_t size[2] = { 0, 0 }, n = 0, cap = 0, i, k, longest = 0;
+	struct log_entry *list = NULL;
+	char *names = NULL;
+	uint64_t applied, last;
+	int failed = 0, rc = -1;
+	if(exec_sql(a, "BEGIN IMMEDIATE") != SQLITE_OK)
+		return -1;
+	if(applied_lsn(a, &applied) < 0)
+		goto out;
+	rc = -2;
+	for(k = 0; k < 2; k++) {
+		size_t at = 0;
+		if(log_read(a->log_fd[k], &buf[k], &size[k]) < 0)
+			goto out;
+		while(at < size[k]) {
+			struct append_rec r = { 0 };
+			size_t len;
+			if(!names || size[k] + 3 > longest) {
+				char *grown = realloc(names, size[k] + 3);
+				if(!grown)
+					goto nomem;
+				names = grown;
+				longest = size[k] + 3;
+			}
+			len = log_parse(buf[k] + at, size[k] - at, &r, names);
+			if(!len)
+				break; /* a torn or foreign tail */
+			if(r.lsn > applied) {
+				if(n == cap) {
+					struct log_entry *grown = realloc(list, (cap ? cap * 2 : 256) * sizeof *list);
+					if(!grown)
+						goto nomem;
+					list = grown;
+					cap = cap ? cap * 2 : 256;
+				}
+				list[n].lsn = r.lsn;
+				list[n].at = buf[k] + at;
+				list[n].left = size[k] - at;
+				n++;
+			}
+			at += len;
+		}
+	}
+	if(n > 1)
+		qsort(list, n, sizeof *list, entry_order);
+	last = applied;
+	for(i = 0; i < n && !failed; i++) {
+		struct append_rec r = { 0 };
+		if(i > 0 && list[i].lsn == list[i - 1].lsn)
+			continue; /* the same record in both logs cannot happen; never apply twice */
+		log_parse(list[i].at, list[i].left, &r, names);
+		if(apply_append(a, &r, -1) < 0)
+			failed = 1;
+		last = r.lsn;
+	}
+	rc = -1;
+	if(failed || set_applied_lsn(a, last) < 0 || exec_sql(a, "COMMIT") != SQLITE_OK)
+		goto out;
+	if(last >= a->next_lsn)
+		a->next_lsn = last + 1;
+	a->log_dirty = 0;
+	a->log_cur = 0;
+	a->log_size[0] = a->log_size[1] = 0;
+	a->log_ticket[0] = a->log_ticket[1] = 0;
+	rc = ftruncate(a->log_fd[0], 0) != 0 || ftruncate(a->log_fd[1], 0) != 0 ? -2 : 0;
+	goto done;
+nomem:
+	errno = ENOMEM;
+out:
+	if(!sqlite3_get_autocommit(a->db))
+		exec_sql(a, "ROLLBACK");
+done:
+	free(buf[0]);
+	free(buf[1]);
+	free(list);
+	free(names);
+	return rc;
+}
+
+/* Opens and locks the append logs next to the database. Another process that holds
+ * them (Prosody, while prosodyctl runs) leaves this one committing each append. */
 static int log_open(archive_db *a, const char *path) {
 	char name[4096];
 	uint64_t applied;
-	if(snprintf(name, sizeof name, "%s-appendlog", path) >= (int)sizeof name)
-		return -2;
-	a->log_fd = open(name, O_RDWR | O_CREAT | O_CLOEXEC, 0640);
-	if(a->log_fd < 0)
-		return -2;
-	if(flock(a->log_fd, LOCK_EX | LOCK_NB) != 0) {
-		int busy = errno == EWOULDBLOCK;
-		close(a->log_fd);
-		a->log_fd = -1;
-		return busy ? 0 : -2;
+	int k;
+	for(k = 0; k < 2; k++) {
+		if(snprintf(name, sizeof name, k ? "%s-appendlog2" : "%s-appendlog", path) >= (int)sizeof name)
+			return -2;
+		a->log_fd[k] = open(name, O_RDWR | O_CREAT | O_CLOEXEC, 0640);
+		if(a->log_fd[k] < 0)
+			return -2;
+		if(k == 0 && flock(a->log_fd[0], LOCK_EX | LOCK_NB) != 0) {
+			int busy = errno == EWOULDBLOCK;
+			close(a->log_fd[0]);
+			a->log_fd[0] = -1;
+			return busy ? 0 : -2;
+		}
 	}
 	if(applied_lsn(a, &applied) < 0)
 		return -1;
@@ -1455,11 +1529,30 @@ static int log_open(archive_db *a, const char *path) {
 }
 
 static int batching(const archive_db *a) {
-	return a->batch_max > 0 && a->log_fd >= 0;
+	return a->batch_max > 0 && a->log_fd[0] >= 0;
 }
 
-/* Commits the open batch; its records are then no longer needed and the log starts
- * over (stale records after the new ones carry applied lsns and are skipped). */
+static unsigned long sync_request(struct checkpointer *c);
+static int ticket_state(archive_db *a, lua_Integer ticket, int wait);
+
+/* Past this, the next commit moves on to the other log. */
+#define LOG_SWITCH_BYTES (1 << 20)
+
+/* After a commit: once the current log is long, asks the sync thread to fsync the WAL
+ * (which now holds all of that log's records) and writes the other log from its start,
+ * after waiting, if need be, for the fsync asked for when that one was left. */
+static void log_rotate(archive_db *a) {
+	int next = 1 - a->log_cur;
+	if(a->log_size[a->log_cur] < LOG_SWITCH_BYTES || !a->ckpt.running)
+		return;
+	if(ticket_state(a, (lua_Integer)a->log_ticket[next], 1) < 0)
+		return; /* no sync thread: keep appending to this log */
+	a->log_ticket[a->log_cur] = sync_request(&a->ckpt);
+	a->log_size[next] = 0;
+	a->log_cur = next;
+}
+
+/* Commits the open batch; its records stay in the log until it is rotated. */
 static int batch_commit(archive_db *a) {
 	if(a->batch_count > 0 && set_applied_lsn(a, a->next_lsn - 1) < 0)
 		return -1;
@@ -1467,7 +1560,7 @@ static int batch_commit(archive_db *a) {
 		return -1;
 	a->batch_open = 0;
 	a->batch_count = 0;
-	a->log_size = 0;
+	log_rotate(a);
 	return 0;
 }
 
@@ -1475,7 +1568,7 @@ static int batch_commit(archive_db *a) {
 static void batch_lost(archive_db *a) {
 	a->batch_open = 0;
 	a->batch_count = 0;
-	if(a->log_size > 0)
+	if(a->log_fd[0] >= 0 && a->log_size[a->log_cur] > 0)
 		a->log_dirty = 1;
 }
 
@@ -2599,15 +2692,18 @@ static int Larchive_stats(lua_State *L) {
 /* db:sync_ticket() -> ticket
  * Asks for everything committed so far to be made durable (one fsync, shared by every
  * ticket taken meanwhile); check with db:synced(ticket) or db:wait_synced(ticket). */
-static int Larchive_sync_ticket(lua_State *L) {
-	archive_db *a = check_db(L);
-	struct checkpointer *c = &a->ckpt;
+static unsigned long sync_request(struct checkpointer *c) {
 	unsigned long ticket;
 	pthread_mutex_lock(&c->lock);
 	ticket = ++c->requested;
 	pthread_cond_signal(&c->wake);
 	pthread_mutex_unlock(&c->lock);
-	lua_pushinteger(L, (lua_Integer)ticket);
+	return ticket;
+}
+
+static int Larchive_sync_ticket(lua_State *L) {
+	archive_db *a = check_db(L);
+	lua_pushinteger(L, (lua_Integer)sync_request(&a->ckpt));
 	return 1;
 }
 
@@ -2661,7 +2757,7 @@ static int Larchive_encode(lua_State *L) {
 	tmp = lua_newuserdatauv(L, sizeof *tmp, 0);
 	memset(tmp, 0, sizeof *tmp);
 	tmp->element_mt_ref = LUA_NOREF;
-	tmp->log_fd = -1;
+	tmp->log_fd[0] = tmp->log_fd[1] = -1;
 	luaL_setmetatable(L, ARCHIVE_MT);
 	if(lua_istable(L, 2)) {
 		lua_pushvalue(L, 2);

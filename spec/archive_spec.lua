@@ -56,12 +56,13 @@ end
 -- Runs a separate process that appends n items in one open batch (nothing commits:
 -- batch and delay far above what it does), prints each returned key, then kills
 -- itself with SIGKILL. Returns the keys it printed.
-local function append_then_sigkill(path, n)
+local function append_then_sigkill(path, n, batch, padding)
 	local script = table.concat({
 		"local archive = require 'prosody_native.archive'",
-		("local db = assert(archive.open(%q, { batch = 100000, batch_delay = 60 }))"):format(path),
+		("local db = assert(archive.open(%q, { batch = %d, batch_delay = 60 }))"):format(path, batch or 100000),
+		("local padding = (' '):rep(%d)"):format(padding or 0),
 		("for i = 1, %d do"):format(n),
-		"  local key = assert(db:append('h', 's', 'u', nil, 'value ' .. i, i, 'w' .. i % 3))",
+		"  local key = assert(db:append('h', 's', 'u', nil, 'value ' .. i .. padding, i, 'w' .. i % 3))",
 		"  io.stdout:write(key, string.char(10)) io.stdout:flush()",
 		"end",
 		"os.execute('kill -KILL ' .. io.open('/proc/self/stat'):read('n'))",
@@ -391,6 +392,21 @@ describe("prosody_native.archive", function ()
 				assert.same({ w0 = 16, w1 = 17, w2 = 17 }, (db:summary("h", "s", "u")));
 				assert.is_true((db:check()));
 				assert.equal(0, file_size(path .. "-appendlog"));
+			end);
+
+			it("takes turns between two logs, so a log is reused only once its commits are on disk", function ()
+				local path = closed_fresh();
+				-- 700 appends of ~3 KB in batches of 50: the first log passes 1 MB and the second
+				-- takes over, then the first again; the kill comes in the middle of a batch
+				local keys = append_then_sigkill(path, 725, 50, 3000);
+				assert.equal(725, #keys);
+				assert.equal("700\n", sqlite(path, "SELECT count(*) FROM items;"));
+				assert.truthy(file_size(path .. "-appendlog") > 0);
+				assert.truthy(file_size(path .. "-appendlog2") > 1024 * 1024);
+				local db = assert(archive.open(path));
+				assert.same(keys, all_keys(db));
+				assert.is_true((db:check()));
+				assert.equal(0, file_size(path .. "-appendlog2"));
 			end);
 
 			it("ignores a torn or foreign tail of the append log", function ()

@@ -352,6 +352,10 @@ describe("mod_storage_native", function ()
 			{ "storage_native_sync_interval", 0 };
 			{ "storage_native_busy_timeout", -1 };
 			{ "storage_native_delete_slice", "soon" };
+			{ "storage_native_commit_batch", 0 };
+			{ "storage_native_commit_batch", 2.5 };
+			{ "storage_native_commit_delay", 0 };
+			{ "storage_native_commit_delay", "later" };
 			{ "storage_archive_item_limit", 2.5 };
 			{ "storage_native_delegate", "native" };
 		};
