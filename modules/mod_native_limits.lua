@@ -1011,7 +1011,8 @@ local shell_items = not major or major >= 13; -- trunk/nightly builds report no 
 local shell = module:shared("/*/native_limits/shell");
 
 local function register_shell()
-	if not shell_items then
+	if not shell_items then -- any instance's table serves: the last one loaded is kept
+		shell.commands = commands;
 		module:shared("/*/admin_shell/env").limits = commands;
 		return;
 	end
@@ -1030,7 +1031,8 @@ end
 local function unregister_shell()
 	if not shell_items then
 		local env = module:shared("/*/admin_shell/env");
-		if env.limits == commands then env.limits = nil; end
+		if env.limits == shell.commands then env.limits = nil; end
+		shell.commands = nil;
 		return;
 	end
 	local context = shell.context;

@@ -120,6 +120,10 @@ def test_three_banned_addresses_ban_their_64(prosody_factory, prefixes):
         "native_limits_close_after": 3,
     })
     s6, v6 = p["server6"], p["v6"]
+    bystander = From(srv, f"{v6}05:7::50", s6)  # an open session in the /64 that never misbehaves
+    assert bystander.login()[0] == "ok"
+    elsewhere = From(srv, f"{v6}05:8::50", s6)  # another /64
+    assert elsewhere.login()[0] == "ok"
     for host in (1, 2, 3):
         src = f"{v6}05:7::{host}"
         assert login_from(srv, src, s6) == "ok"
@@ -129,6 +133,11 @@ def test_three_banned_addresses_ban_their_64(prosody_factory, prefixes):
         kind, text = c.auth()  # the third refusal closes the stream and bans the address
         assert kind == "stream-error", text
         c.close()
+    # the /64's ban closed the bystander's open session, not the one in the other /64
+    kind, text = bystander._outcome(r"(?!)")
+    assert kind == "stream-error" and "<policy-violation" in text and "try again in 300 seconds" in text, text
+    elsewhere.send("<iq type='get' id='alive' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>")
+    assert "type='result'" in elsewhere.read_until(r"<iq[^>]*id=['\"]alive['\"][^>]*/?>")
     # a fourth, fresh address of the same /64 is refused at stream open: the /64 itself is banned
     c = From(srv, f"{v6}05:7::99", s6)
     kind, text = c.open()
