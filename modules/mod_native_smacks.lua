@@ -15,6 +15,7 @@ local jid_join = require "util.jid".join;
 local datetime = require "util.datetime";
 local filters = require "util.filters";
 local timer = require "util.timer";
+local now = require "util.time".now;
 local watchdog = require "util.watchdog";
 local async = require "util.async";
 local xml_parse = require "util.xml".parse;
@@ -69,6 +70,8 @@ local storage_retries = number_option("smacks_offline_retries", 3, 0, 100, true)
 local initial_h = number_option("smacks_debug_initial_h", 0, 0, H_MOD - 1, true);
 local s2s_smacks = boolean_option("smacks_enabled_s2s", true);
 local s2s_resend = boolean_option("smacks_s2s_resend", false);
+local ack_interval = number_option("smacks_ack_request_interval", 0.1, 0, 60);
+local pace_limit = math.max(1, queue_size // 2);
 
 -- ---------------------------------------------------------------- metrics
 
@@ -101,6 +104,7 @@ local session_registry = module:shared("registry"); -- user@host/token -> sessio
 local old_sessions = module:open_store("smacks_h"); -- user -> { token = { h, t } } (same store as mod_smacks)
 local old_session_map = module:open_store("smacks_h", "map");
 local mam_clients = module:open_store("smacks_mam_clients", "map"); -- user, resource -> last MAM query time
+local mam_clients_kv = module:open_store("smacks_mam_clients");
 local hibernating_count = 0;
 local hibernation_seq = 0;
 
@@ -317,12 +321,32 @@ end
 
 -- ---------------------------------------------------------------- per-client MAM use
 
+-- Keyed by resource: the clients that hibernate (Conversations, Monal, Siskin, Gajim, Dino)
+-- keep one generated resource per account, so it names the client across sessions. Clients
+-- with a new resource per login get a new entry each time: only the newest
+-- MAM_CLIENTS_PER_USER are kept, so the store stays bounded.
+local MAM_CLIENTS_PER_USER = 20;
+
+local function prune_mam_clients(username)
+	local all = mam_clients_kv:get(username);
+	if type(all) ~= "table" then return; end
+	local list = {};
+	for resource, t in pairs(all) do list[#list+1] = { resource, tonumber(t) or 0 }; end
+	if #list <= MAM_CLIENTS_PER_USER then return; end
+	table.sort(list, function (a, b) return a[2] > b[2]; end);
+	for i = MAM_CLIENTS_PER_USER + 1, #list do all[list[i][1]] = nil; end
+	local ok, err = mam_clients_kv:set(username, all);
+	if not ok and err then module:log("warn", "Could not prune the MAM clients of %s: %s", username, err); end
+end
+
 local function note_mam_query(event)
 	local origin = event.origin;
 	if origin.username and origin.resource and not origin.native_smacks_mam then
 		origin.native_smacks_mam = true;
+		local known = mam_clients:get(origin.username, origin.resource);
 		local ok, err = mam_clients:set(origin.username, origin.resource, os.time());
 		if not ok and err then module:log("warn", "Could not remember MAM use of %s: %s", origin.full_jid, err); end
+		if ok and known == nil then prune_mam_clients(origin.username); end
 	end
 end
 module:hook("iq-set/self/" .. xmlns_mam .. ":query", note_mam_query, 10);
@@ -583,7 +607,7 @@ local function outgoing_bytes_filter(data, session)
 		session.native_smacks_pending = nil;
 		if session.outgoing_stanza_queue then
 			-- the bytes of this very stanza (a later filter could in theory have replaced it)
-			if type(data) ~= "string" or data:byte(1) ~= 60 or data:sub(2, #stanza.name + 1) ~= stanza.name then
+			if type(data) ~= "string" or data:byte(1) ~= 60 or data:find(stanza.name, 2, true) ~= 2 then
 				data = tostring(data);
 				queue_push(session, tostring(stanza), stanza);
 			else
@@ -628,19 +652,22 @@ end
 
 -- ---------------------------------------------------------------- acknowledgement requests
 
+-- One timer per session watches the outstanding <r/> (smacks_max_ack_delay, smacks_ack_timeout).
+-- It is armed when a request goes out and none is armed, and re-arms itself for what is
+-- left of the newest request, so a peer that answers promptly costs no timer work per
+-- round trip.
 local function stop_ack_timers(session)
-	if session.delayed_ack_timer then
-		timer.stop(session.delayed_ack_timer);
-		session.delayed_ack_timer = nil;
-	end
 	if session.native_smacks_ack_timer then
 		timer.stop(session.native_smacks_ack_timer);
 		session.native_smacks_ack_timer = nil;
 	end
+	if session.native_smacks_pace_timer then
+		timer.stop(session.native_smacks_pace_timer);
+		session.native_smacks_pace_timer = nil;
+	end
 end
 
 local function ack_delayed(session)
-	session.delayed_ack_timer = nil;
 	if delayed_ack_timeout > 0 and session.awaiting_ack and not session.hibernating and not session.destroyed
 	and session.outgoing_stanza_queue then
 		module:fire_event("smacks-ack-delayed", {
@@ -655,16 +682,49 @@ end
 -- unacknowledged stanzas are then bounced or re-routed, and the next stanza for that
 -- server opens a fresh connection.
 local function ack_timed_out(session)
-	session.native_smacks_ack_timer = nil;
-	if session.awaiting_ack and session.conn and not session.hibernating and not session.destroyed then
-		session.log("info", "No acknowledgement within %ss, considering the connection dead", ack_timeout);
-		if session.type == "s2sout" then
-			session:close({ condition = "connection-timeout"; text = "No acknowledgement of stanzas" });
-			return;
-		end
-		local conn = session.conn;
-		conn:close();
+	session.log("info", "No acknowledgement within %ss, considering the connection dead", ack_timeout);
+	if session.type == "s2sout" then
+		session:close({ condition = "connection-timeout"; text = "No acknowledgement of stanzas" });
+		return;
 	end
+	session.conn:close();
+end
+
+-- Dead-link detection applies to resumable client sessions and to outgoing s2s streams.
+local function times_out(session)
+	return ack_timeout > 0 and (session.resumption_token ~= nil or session.type == "s2sout");
+end
+
+local function ack_watch(session)
+	local sent_at = session.native_smacks_r_time;
+	if not session.awaiting_ack or not sent_at or session.hibernating or session.destroyed or not session.conn then
+		session.native_smacks_ack_timer = nil;
+		return nil;
+	end
+	local elapsed = now() - sent_at;
+	local due;
+	if delayed_ack_timeout > 0 and not session.native_smacks_delay_fired then
+		if elapsed >= delayed_ack_timeout then
+			session.native_smacks_delay_fired = true;
+			ack_delayed(session);
+			if session.destroyed or not session.awaiting_ack or not session.conn then
+				session.native_smacks_ack_timer = nil;
+				return nil;
+			end
+		else
+			due = delayed_ack_timeout - elapsed;
+		end
+	end
+	if times_out(session) then
+		if elapsed >= ack_timeout then
+			session.native_smacks_ack_timer = nil;
+			ack_timed_out(session);
+			return nil;
+		end
+		if not due or ack_timeout - elapsed < due then due = ack_timeout - elapsed; end
+	end
+	if not due then session.native_smacks_ack_timer = nil; end
+	return due;
 end
 
 local function should_ack(session, force)
@@ -685,18 +745,39 @@ local function request_ack(session, reason)
 	sm_send(session, st.stanza("r", { xmlns = session.smacks }));
 	if session.destroyed or not session.outgoing_stanza_queue then return; end
 	session.last_requested_h = queue.q:sent();
-	if not session.delayed_ack_timer and delayed_ack_timeout > 0 then
-		session.delayed_ack_timer = timer.add_task(delayed_ack_timeout, function () ack_delayed(session); end);
-	end
-	if ack_timeout > 0 and not session.native_smacks_ack_timer and (session.resumption_token or session.type == "s2sout") then
-		session.native_smacks_ack_timer = timer.add_task(ack_timeout, function () ack_timed_out(session); end);
+	session.native_smacks_r_time = now();
+	session.native_smacks_delay_fired = nil;
+	if not session.native_smacks_ack_timer and (delayed_ack_timeout > 0 or times_out(session)) then
+		local first = delayed_ack_timeout > 0 and delayed_ack_timeout or ack_timeout;
+		if times_out(session) and ack_timeout < first then first = ack_timeout; end
+		session.native_smacks_ack_timer = timer.add_task(first, function () return ack_watch(session); end);
 	end
 end
 
+-- A busy stream (at least PACE_BATCH stanzas since the last <r/>) gets at most one <r/>
+-- per smacks_ack_request_interval while less than half the queue is unacknowledged: a
+-- flood is acknowledged in a few round trips instead of one per write. A request that is
+-- due but paced is sent when the interval is over. Light traffic is asked at once, so
+-- the last stanzas before a pause are acknowledged as quickly as before.
+local PACE_BATCH = 8;
 local function request_ack_if_needed(session, force, reason)
-	if should_ack(session, force) then
-		request_ack(session, reason);
+	if not should_ack(session, force) then return; end
+	if not force and ack_interval > 0 then
+		local last = session.native_smacks_r_time;
+		local wait = last and last + ack_interval - now();
+		local q = session.outgoing_stanza_queue.q;
+		if wait and wait > 0 and q:unacked() < pace_limit
+		and (q:sent() - (session.last_requested_h or q:acked())) % H_MOD >= PACE_BATCH then
+			if not session.native_smacks_pace_timer then
+				session.native_smacks_pace_timer = timer.add_task(wait, function ()
+					session.native_smacks_pace_timer = nil;
+					if should_ack(session, false) then request_ack(session, "paced"); end
+				end);
+			end
+			return;
+		end
 	end
+	request_ack(session, reason);
 end
 
 for event_name, force in pairs({ ["csi-client-active"] = true; ["csi-flushing"] = false; ["c2s-pre-ondrain"] = false;
@@ -859,8 +940,7 @@ end
 
 local function handle_a(session, stanza)
 	if not session.smacks then return; end
-	session.awaiting_ack = nil;
-	stop_ack_timers(session);
+	session.awaiting_ack = nil; -- the watch timer, if armed, ends itself
 	local h = engine.parse_h(stanza.attr.h);
 	if not h then
 		session:close({ condition = "invalid-xml"; text = "Missing or invalid 'h' attribute" });
