@@ -363,6 +363,7 @@ typedef struct {
 typedef struct {
 	int64_t tat, interval, capacity;
 	double rate, burst;
+	limiter *l; /* kept alive by the bucket's user value; saves a lookup per take */
 } bucket;
 
 /* One rule checked for one address, for as long as a session lives: the key is
@@ -1377,6 +1378,7 @@ static int Lbucket(lua_State *L) {
 	luaL_setmetatable(L, BUCKET_MT);
 	bucket_set(L, b, 2, 3);
 	b->tat = now_us(l);
+	b->l = l;
 	lua_pushvalue(L, 1);
 	lua_setiuservalue(L, -2, 1);
 	return 1;
@@ -1386,10 +1388,10 @@ static int Lbucket(lua_State *L) {
 static int Lbucket_take(lua_State *L) {
 	bucket *b = luaL_checkudata(L, 1, BUCKET_MT);
 	double cost = luaL_optnumber(L, 2, 1), max_wait = luaL_optnumber(L, 3, 0);
-	limiter *l;
+	limiter *l = b->l;
 	int64_t now, tat, excess;
-	lua_getiuservalue(L, 1, 1);
-	l = check_open(L, -1);
+	if(!l->rate)
+		return luaL_error(L, "attempt to use a closed limiter");
 	luaL_argcheck(L, cost >= 0 && cost <= 1e6, 2, "cost must be from 0 to 1000000");
 	now = now_us(l);
 	tat = (b->tat > now ? b->tat : now) + (int64_t)(cost * (double)b->interval);
@@ -1415,10 +1417,10 @@ static int Lbucket_set(lua_State *L) {
 /* bucket:tokens() -> tokens left now */
 static int Lbucket_tokens(lua_State *L) {
 	bucket *b = luaL_checkudata(L, 1, BUCKET_MT);
-	limiter *l;
+	limiter *l = b->l;
 	int64_t now;
-	lua_getiuservalue(L, 1, 1);
-	l = check_open(L, -1);
+	if(!l->rate)
+		return luaL_error(L, "attempt to use a closed limiter");
 	now = now_us(l);
 	lua_pushnumber(L, b->burst - (b->tat > now ? (double)(b->tat - now) / (double)b->interval : 0));
 	return 1;

@@ -448,6 +448,16 @@ describe("prosody_native.limiter", function ()
 			lim:close();
 			assert.has_error(function () b:take(); end, "attempt to use a closed limiter");
 		end);
+
+		it("keep their limiter alive", function ()
+			local b;
+			do b = manual():bucket(1, 2); end
+			collectgarbage(); collectgarbage();
+			assert.same({ true, 0 }, { b:take() });
+			assert.same({ true, 0 }, { b:take() });
+			assert.same({ false, 1 }, { b:take() });
+			assert.equal(0, b:tokens());
+		end);
 	end);
 
 	describe("under a flood of one million IPv6 addresses from one /48", function ()
