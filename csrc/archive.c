@@ -804,6 +804,8 @@ static void reopen_after_fork(lua_State *L, archive_db *a) {
 	a->pid = getpid();
 	a->generation = fork_generation;
 	a->batch_open = a->batch_count = 0;
+	/* the parent's sync tickets mean nothing to the child's new sync thread */
+	a->log_ticket[0] = a->log_ticket[1] = 0;
 	if(a->log_fd[0] >= 0 && a->log_size[a->log_cur] > 0)
 		a->log_dirty = 1;
 	if(open_database(a, a->path, a->durable, a->busy_ms, &readonly) != NULL
