@@ -409,6 +409,48 @@ describe("prosody_native.archive", function ()
 				assert.equal(0, file_size(path .. "-appendlog2"));
 			end);
 
+			it("reopens in a forked child, which replays the batch its parent left open", function ()
+				-- as prosody -D does: util.pposix.daemonize() forks twice and the parents exit()
+				local path = closed_fresh();
+				local result = dir .. "/forked.result";
+				local file = os.tmpname();
+				local f = assert(io.open(file, "w"));
+				f:write(table.concat({
+					"local archive = require 'prosody_native.archive'",
+					("local db = assert(archive.open(%q, { batch = 1000, batch_delay = 60 }))"):format(path),
+					"for i = 1, 10 do io.stdout:write(assert(db:append('h', 's', 'u', nil, 'parent', i, '')), string.char(10)) end",
+					"io.stdout:flush()",
+					"assert(require 'util.pposix'.daemonize())",
+					"local ok, err = pcall(function ()",
+					"  for i = 11, 15 do assert(db:append('h', 's', 'u', 'child' .. i, 'child', i, '')) end",
+					"  local rows, n = assert(db:find('h', 's', 'u', {}))",
+					"  local keys = {}",
+					"  for i = 1, n do keys[i] = rows[4 * i - 3] end",
+					"  assert(db:flush())",
+					"  return table.concat(keys, ' ')",
+					"end)",
+					("local out = assert(io.open(%q .. '.tmp', 'w'))"):format(result),
+					"out:write(tostring(err)) out:close()",
+					("os.rename(%q .. '.tmp', %q)"):format(result, result),
+				}, "\n"));
+				f:close();
+				local p = assert(io.popen(("env LUA_CPATH=%q lua5.4 %q"):format(cpath() .. ";/usr/lib/prosody/?.so", file)));
+				local keys = {};
+				for line in p:lines() do keys[#keys+1] = line; end
+				p:close();
+				assert.equal(10, #keys);
+				local got;
+				for _ = 1, 200 do
+					local rf = io.open(result);
+					if rf then got = rf:read("a"); rf:close(); break; end
+					os.execute("sleep 0.05");
+				end
+				os.remove(file);
+				for i = 11, 15 do keys[#keys+1] = "child" .. i; end
+				assert.equal(table.concat(keys, " "), got);
+				assert.equal("15\n", sqlite(path, "SELECT count(*) FROM items;"));
+			end);
+
 			it("ignores a torn or foreign tail of the append log", function ()
 				local path = closed_fresh();
 				local keys = append_then_sigkill(path, 20);
