@@ -330,6 +330,15 @@ local weak_keys = { __mode = "k" };
 -- Every limited session of this instance (its own c2s sessions; on a component, the sessions that joined one of
 -- its rooms without an affiliation there): a new ban closes those it covers. Weak: a destroyed session leaves.
 local tracked = setmetatable({}, weak_keys);
+local tracked_by_key = {}; -- address key -> weak set of those sessions: an address ban needs no sweep
+
+local function track(session, s)
+	if tracked[session] then return; end
+	tracked[session] = s;
+	local set = tracked_by_key[s.key];
+	if not set then set = setmetatable({}, weak_keys); tracked_by_key[s.key] = set; end
+	set[session] = true;
+end
 
 local function transport_of(session)
 	if session.websocket_request then return "websocket"; end
@@ -368,7 +377,7 @@ local function session_state(session)
 	end
 	s = { key = key; ip = session.ip; transport = transport; refused = 0; strict = #config.strict > 0 and in_list(config.strict, key) };
 	session[FIELD] = s;
-	if not is_component then tracked[session] = s; end
+	if not is_component then track(session, s); end
 	return s;
 end
 
@@ -424,6 +433,9 @@ local function add_concurrency(kind, levels, key, session)
 end
 
 module:add_timer(300, function ()
+	for key, set in pairs(tracked_by_key) do
+		if next(set) == nil then tracked_by_key[key] = nil; end
+	end
 	for _, sets in pairs(concurrency) do
 		for lk, set in pairs(sets) do
 			if next(set) == nil then sets[lk] = nil; end
@@ -450,28 +462,56 @@ end
 
 -- A new ban of `pkey`/`bits` closes the open sessions it covers (bound, unauthenticated, hibernated; TCP,
 -- WebSocket, BOSH). Deferred to the next tick: the ban may be decided inside a hook of one of those sessions, or
--- inside a MUC affiliation change, which should finish first.
-local function close_banned(pkey, bits)
-	module:add_timer(0, function ()
-		local mode = config.dry_run and "dry_run" or "enforce";
-		local n = 0;
+-- inside a MUC affiliation change, which should finish first. Bans decided within one tick are handled together:
+-- address bans through tracked_by_key, prefix bans (rarer) by one sweep of every tracked session, so a burst of
+-- bans costs no more than one sweep per tick.
+local pending_bans = nil;
+
+local function close_session(session, s, mode)
+	local left = not session.destroyed and session.close and lim:banned(s.key);
+	if not left then return 0; end
+	m_ban_closed:with_labels(session.hibernating and "hibernated" or s.transport, mode):add(1);
+	if not config.dry_run then
+		session:close({ condition = "policy-violation"; text = banned_text(left) });
+	end
+	return 1;
+end
+
+local function close_pending_bans()
+	local bans = pending_bans;
+	pending_bans = nil;
+	local mode = config.dry_run and "dry_run" or "enforce";
+	local n, prefixes, names = 0, {}, {};
+	for _, ban in ipairs(bans) do
+		names[#names+1] = engine.format(ban.key, ban.bits);
+		if ban.bits == 128 then
+			for session in pairs(tracked_by_key[ban.key] or {}) do n = n + close_session(session, tracked[session], mode); end
+		else
+			prefixes[#prefixes+1] = ban;
+		end
+	end
+	if #prefixes > 0 then
 		for session, s in pairs(tracked) do
-			if not session.destroyed and session.close and within(s.key, pkey, bits) then
-				local left = lim:banned(s.key);
-				if left then
-					n = n + 1;
-					m_ban_closed:with_labels(session.hibernating and "hibernated" or s.transport, mode):add(1);
-					if not config.dry_run then
-						session:close({ condition = "policy-violation"; text = banned_text(left) });
-					end
+			for _, ban in ipairs(prefixes) do
+				if within(s.key, ban.key, ban.bits) then
+					n = n + close_session(session, s, mode);
+					break;
 				end
 			end
 		end
-		if n > 0 then
-			module:log("info", "%s %d open session(s) of %s: banned", config.dry_run and "[dry run] Would have closed" or "Closed", n,
-				engine.format(pkey, bits));
-		end
-	end);
+	end
+	if n > 0 then
+		module:log("info", "%s %d open session(s) of %s: banned", config.dry_run and "[dry run] Would have closed" or "Closed", n,
+			table.concat(names, ", "));
+	end
+end
+
+local function close_banned(pkey, bits)
+	if not pending_bans then
+		pending_bans = {};
+		module:add_timer(0, close_pending_bans);
+	end
+	pending_bans[#pending_bans+1] = { key = pkey; bits = bits };
 end
 
 local function close(session, rule, text)
@@ -753,7 +793,7 @@ if is_component then
 		if not s then return; end
 		recent:set(jid_bare(event.stanza.attr.from), s.key);
 		if affiliated(event.room, event.stanza.attr.from) then return; end
-		tracked[event.origin] = s;
+		track(event.origin, s);
 		local left = lim:banned(s.key);
 		if left then
 			count("muc_joins", "refuse_banned");

@@ -231,3 +231,20 @@ def test_moderator_ban_closes_the_occupant_sessions(prosody_factory, prefixes): 
     assert ban_closed(srv, host=MUC_HOST) == {("tcp", "enforce"): 2}
     for c in (owner, troll, tab2):
         c.close()
+
+
+def test_bans_of_one_tick_close_their_sessions_together(prosody_factory, prefixes):  # noqa: F811
+    p = prefixes
+    v4, s4 = p["v4"], p["server4"]
+    srv = limits_server(prosody_factory, exempt_loopback=True, global_options={"interfaces": ["127.0.0.1", s4]},
+                        host_options={"native_limits_connections": False})
+    a, b, c = (From(srv, f"{v4}.{n}", s4) for n in (70, 71, 72))
+    for x in (a, b, c):
+        assert x.login()[0] == "ok"
+    # three bans decided in one event-loop tick (one shell line): two addresses and a prefix holding the third
+    srv.shell(f'limits:ban("{v4}.70", 60) limits:ban("{v4}.71", 60) limits:ban("{v4}.72/31", 60)')
+    for x in (a, b, c):
+        kind, text = x._outcome(r"(?!)")
+        assert kind == "stream-error" and "try again in 60 seconds" in text, (kind, text)
+    assert f"Closed 3 open session(s) of {v4}.70, {v4}.71, {v4}.72/31: banned" in srv.log_text()
+    assert ban_closed(srv) == {("tcp", "enforce"): 3}
