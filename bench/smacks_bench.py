@@ -1,6 +1,6 @@
 """prosody-native: end-to-end cost of stream management, server CPU per delivered message.
 
-    /usr/bin/python3 bench/smacks_bench.py [--quick] [--reps=R] [--modes=mod_smacks,native_smacks] [N]
+    /usr/bin/python3 bench/smacks_bench.py [--quick] [--reps=R] [--modes=mod_smacks,native_smacks,native_unpaced] [N]
 
 Starts a throwaway Prosody (spec/integration/harness.py) three times: stream management off, Prosody's mod_smacks,
 mod_native_smacks. A sender floods N <message type='chat'> with <no-store/> (no MAM, no offline) to one full JID
@@ -15,7 +15,6 @@ of the overhead without the noise of the loaded machine.
 """
 
 import os
-import socket
 import statistics
 import sys
 import threading
@@ -33,6 +32,11 @@ MODES = {
     "off": {"modules_disabled": ["smacks"]},
     "mod_smacks": {},
     "native_smacks": {"modules": ["native_smacks"], "modules_disabled": ["smacks"]},
+}
+# not run by default (--modes=native_unpaced): mod_native_smacks asking at every write, as mod_smacks does
+EXTRA_MODES = {
+    "native_unpaced": {"modules": ["native_smacks"], "modules_disabled": ["smacks"],
+                       "global_options": {"smacks_ack_request_interval": 0}},
 }
 
 
@@ -117,7 +121,7 @@ SEND_PATH = (
 
 
 def one_run(mode, n):
-    srv = harness.ProsodyServer(name=f"bench-{mode}", **MODES[mode])
+    srv = harness.ProsodyServer(name=f"bench-{mode}", **(MODES.get(mode) or EXTRA_MODES[mode]))
     # Prosody logs every stanza at debug level; a benchmark measures the server, not its debug log
     srv.global_options["log"] = {"info": str(srv.log_path)}
     srv.write_config()

@@ -16,7 +16,7 @@ import pytest
 import harness
 from harness import RawXMPP
 from test_smacks_protocol import SM3, drop, new_user, sm_client
-from test_smacks_events import RECORDER, events, gone, offline_count, outcomes_of, wait_events
+from test_smacks_events import RECORDER, gone, offline_count, outcomes_of, wait_events
 
 CSI = "urn:xmpp:csi:0"
 BATTERY_SAVER = "/usr/lib/prosody/modules/mod_csi_battery_saver/mod_csi_battery_saver.lua"
