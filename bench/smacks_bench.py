@@ -121,7 +121,7 @@ SEND_PATH = (
 
 
 def one_run(mode, n):
-    srv = harness.ProsodyServer(name=f"bench-{mode}", **(MODES.get(mode) or EXTRA_MODES[mode]))
+    srv = harness.ProsodyServer(name=f"bench-{mode}", **(MODES[mode] if mode in MODES else EXTRA_MODES[mode]))
     # Prosody logs every stanza at debug level; a benchmark measures the server, not its debug log
     srv.global_options["log"] = {"info": str(srv.log_path)}
     srv.write_config()
@@ -191,6 +191,8 @@ def main():
     for _ in range(reps):
         for mode in modes:  # interleaved, so drift on a noisy machine hits every mode alike
             results.setdefault(mode, []).append(one_run(mode, n))
+            if os.environ.get("SMACKS_BENCH_VERBOSE"):
+                print(mode, results[mode][-1], flush=True)
     base = statistics.median(r[0] for r in results["off"])
     for mode, runs in results.items():
         us = statistics.median(r[0] for r in runs)
