@@ -2,16 +2,17 @@
 
     /usr/bin/python3 bench/smacks_bench.py [--quick] [--reps=R] [--modes=mod_smacks,native_smacks,native_unpaced] [N]
 
-Starts a throwaway Prosody (spec/integration/harness.py) three times: stream management off, Prosody's mod_smacks,
-mod_native_smacks. A sender floods N <message type='chat'> with <no-store/> (no MAM, no offline) to one full JID
-whose client has stream management enabled (except "off") and answers every <r/> at once with the count of stanzas
-it parsed. Server CPU = utime + stime of the Prosody process (procfs) from the first message sent to the last one
-received (schedstat of every thread, ns resolution). Every run checks that exactly N messages arrived and that the
+Starts a throwaway Prosody (spec/integration/harness.py) per run and mode: stream management off, Prosody's
+mod_smacks, mod_native_smacks (modes interleaved, R runs each). A sender floods N <message type='chat'> with
+<no-store/> (no MAM, no offline) to one full JID whose client has stream management enabled (except "off") and
+answers every <r/> at once with the count of stanzas it parsed. Server CPU = CPU time of the Prosody process from
+procfs (schedstat of every thread, ns resolution; utime + stime if unavailable) from the first message sent to the
+last one received. Every run checks that exactly N messages arrived and that the
 sender got no error back. Reports µs per delivered message (median and range of R interleaved runs per mode), the
 <r/>/<a/> round trips per 1000 messages, and the overhead of each module against "off"; the issue's target for
 mod_native_smacks is at most +4 % (mod_smacks measured ≈ +12 %). Then, in the same server, the CPU of one
 session.send() of a chat message to the receiver (os.clock in the server, best of 10 x 400): the per-stanza part
-of the overhead without the noise of the loaded machine.
+of the overhead without the noise of the loaded machine. SMACKS_BENCH_VERBOSE=1 prints every run.
 """
 
 import os
