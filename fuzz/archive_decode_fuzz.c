@@ -7,6 +7,8 @@
 
 #include "../csrc/archive.c"
 
+#include <lualib.h>
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
 static lua_State *state(void) {
