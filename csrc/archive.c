@@ -993,6 +993,10 @@ static int Larchive_open(lua_State *L) {
 	memset(a, 0, sizeof *a);
 	a->element_mt_ref = LUA_NOREF;
 	a->log_fd[0] = a->log_fd[1] = -1;
+	/* ours from the start: a failure below must close the connection, not leave it
+	 * (and a write lock) behind as if it were a parent's */
+	a->pid = getpid();
+	a->generation = fork_generation;
 	luaL_setmetatable(L, ARCHIVE_MT);
 
 	if(!lua_isnoneornil(L, 2)) {
@@ -1431,6 +1435,8 @@ static int log_replay(archive_db *a) {
 	char *names = NULL;
 	uint64_t applied, last;
 	int failed = 0, rc = -1;
+	/* until this succeeds, nothing may empty the logs (a close, say) */
+	a->log_dirty = 1;
 	if(exec_sql(a, "BEGIN IMMEDIATE") != SQLITE_OK)
 		return -1;
 	if(applied_lsn(a, &applied) < 0)
@@ -1495,7 +1501,8 @@ static int log_replay(archive_db *a) {
 nomem:
 	errno = ENOMEM;
 out:
-	if(!sqlite3_get_autocommit(a->db))
+	/* after an SQLite error the caller reports it, then rolls back */
+	if(rc == -2 && !sqlite3_get_autocommit(a->db))
 		exec_sql(a, "ROLLBACK");
 done:
 	free(buf[0]);

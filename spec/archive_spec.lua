@@ -451,6 +451,21 @@ describe("prosody_native.archive", function ()
 				assert.equal("15\n", sqlite(path, "SELECT count(*) FROM items;"));
 			end);
 
+			it("keeps the log when its replay fails, and replays it at the next open", function ()
+				local path = closed_fresh();
+				local keys = append_then_sigkill(path, 10);
+				sqlite(path, "CREATE TRIGGER no_insert BEFORE INSERT ON items BEGIN SELECT RAISE(ABORT, 'no inserts today'); END;");
+				local db, err, code = archive.open(path);
+				assert.is_nil(db);
+				assert.equal("append-log", code);
+				assert.matches("cannot replay the append log: no inserts today", err, 1, true);
+				collectgarbage();
+				assert.truthy(file_size(path .. "-appendlog") > 0);
+				sqlite(path, "DROP TRIGGER no_insert;");
+				db = assert(archive.open(path));
+				assert.same(keys, all_keys(db));
+			end);
+
 			it("ignores a torn or foreign tail of the append log", function ()
 				local path = closed_fresh();
 				local keys = append_then_sigkill(path, 20);
