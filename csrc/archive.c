@@ -2098,27 +2098,31 @@ static int Larchive_append(lua_State *L) {
 	return 2;
 }
 
-/* db:flush(age?) -> seconds_left | nil, err, code
+/* db:flush(age?) -> seconds_left, committed | nil, err, code
  * Commits the open batch of appends if it is at least `age` seconds old (default 0);
- * returns 0 when no batch is left open, else the seconds until it is that old. */
+ * returns 0 when no batch is left open, else the seconds until it is that old, and
+ * whether this call committed one. */
 static int Larchive_flush(lua_State *L) {
 	archive_db *a = check_db(L);
 	double age = luaL_optnumber(L, 2, 0);
 	double left;
-	int rc;
+	int rc, committed = 0;
 	if((rc = gate(L, a, GATE_READ)))
 		return rc;
 	if(a->batch_open) {
 		left = a->batch_started + age - pn_monotonic();
 		if(left > 0) {
 			lua_pushnumber(L, left);
-			return 1;
+			lua_pushboolean(L, 0);
+			return 2;
 		}
 		if(batch_commit(a) < 0)
 			return db_error(L, a);
+		committed = 1;
 	}
 	lua_pushinteger(L, 0);
-	return 1;
+	lua_pushboolean(L, committed);
+	return 2;
 }
 
 /* db:get(host, store, user, key) -> value, when, with | nil, "item-not-found" */

@@ -63,14 +63,20 @@ if not db then
 	module:log("info", "Archive database %s (SQLite %s, durability %s)", db_path, engine.sqlite_version(), durability);
 end
 
+-- durations and deadlines: a clock that never jumps
+local clock = require "util.time".monotonic;
+
 -- An open batch of appends is committed at the latest commit_delay after it began:
 -- one timer per database file, whichever host's append opened the batch.
 local timer = require "util.timer";
 local flush_state = module:shared("/*/storage_native/flush");
 flush_state[db_path] = flush_state[db_path] or { armed = false };
 local flushing = flush_state[db_path];
+local m_commit; -- set below, with the other metrics
 local function flush_due()
+	local t0 = clock();
 	local left, err = db:flush(commit_delay);
+	if err == true then m_commit:sample(clock() - t0); end
 	if left == nil then
 		module:log("error", "Archive commit failed: %s", err);
 		left = 0;
@@ -97,11 +103,10 @@ local op_seconds = module:metric("histogram", "op_duration", "seconds",
 	"Time spent in the archive engine per operation", { "op" },
 	{ buckets = { 0.00001, 0.00005, 0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 1 } });
 local m_append, m_find, m_delete = op_seconds:with_labels("append"), op_seconds:with_labels("find"), op_seconds:with_labels("delete");
+m_commit = op_seconds:with_labels("commit");
 local m_items = module:metric("gauge", "items", "", "Items in the archive database (all hosts)", {});
 local m_bytes = module:metric("gauge", "database_size", "bytes", "Size of the archive database file", {});
 local m_errors = module:metric("counter", "errors", "", "Engine operations that failed", { "op" });
--- durations and deadlines: a clock that never jumps
-local clock = require "util.time".monotonic;
 
 -- Expected outcomes (item-not-found, quota-limit) pass quietly; the rest is logged.
 local function failed(op, err, code)

@@ -371,11 +371,14 @@ describe("prosody_native.archive", function ()
 				for i = 1, 25 do assert(db:append("h", "s", "u", nil, "v", i, "")); end
 				assert.equal("20\n", sqlite(path, "SELECT count(*) FROM items;"));
 				assert.equal(5, db:stats().pending);
-				local left = db:flush(30);
+				local left, committed = db:flush(30);
 				assert.truthy(left > 29 and left <= 30, left);
-				assert.equal(0, db:flush(0));
+				assert.is_false(committed);
+				left, committed = db:flush(0);
+				assert.equal(0, left);
+				assert.is_true(committed);
 				assert.equal("25\n", sqlite(path, "SELECT count(*) FROM items;"));
-				assert.equal(0, db:flush());
+				assert.same({ 0, false }, { db:flush() });
 			end);
 
 			it("brings back every returned append of a process killed in the middle of a batch", function ()
