@@ -1548,14 +1548,16 @@ static int ticket_state(archive_db *a, lua_Integer ticket, int wait);
 #define LOG_SWITCH_BYTES (1 << 20)
 
 /* After a commit: once the current log is long, asks the sync thread to fsync the WAL
- * (which now holds all of that log's records) and writes the other log from its start,
- * after waiting, if need be, for the fsync asked for when that one was left. */
+ * (which now holds all of that log's records) and writes the other log from its start
+ * -- provided the fsync asked for when that one was left is done. If it is not (the
+ * sync thread is held up, say by a long checkpoint), this log grows meanwhile: the
+ * main loop never waits for it. */
 static void log_rotate(archive_db *a) {
 	int next = 1 - a->log_cur;
 	if(a->log_size[a->log_cur] < LOG_SWITCH_BYTES || !a->ckpt.running)
 		return;
-	if(ticket_state(a, (lua_Integer)a->log_ticket[next], 1) < 0)
-		return; /* no sync thread: keep appending to this log */
+	if(ticket_state(a, (lua_Integer)a->log_ticket[next], 0) != 1)
+		return;
 	a->log_ticket[a->log_cur] = sync_request(&a->ckpt);
 	a->log_size[next] = 0;
 	a->log_cur = next;
