@@ -72,7 +72,7 @@ local function append_then_sigkill(path, n, batch, padding)
 	local f = assert(io.open(file, "w"));
 	f:write(script);
 	f:close();
-	local p = assert(io.popen(("env LUA_CPATH=%q lua5.4 %q"):format(cpath(), file)));
+	local p = assert(io.popen(("exec env LUA_CPATH=%q lua5.4 %q"):format(cpath(), file)));
 	local keys = {};
 	for line in p:lines() do keys[#keys+1] = line; end
 	p:close();
@@ -437,7 +437,7 @@ describe("prosody_native.archive", function ()
 					("os.rename(%q .. '.tmp', %q)"):format(result, result),
 				}, "\n"));
 				f:close();
-				local p = assert(io.popen(("env LUA_CPATH=%q lua5.4 %q"):format(cpath() .. ";/usr/lib/prosody/?.so", file)));
+				local p = assert(io.popen(("exec env LUA_CPATH=%q lua5.4 %q"):format(cpath() .. ";/usr/lib/prosody/?.so", file)));
 				local keys = {};
 				for line in p:lines() do keys[#keys+1] = line; end
 				p:close();
