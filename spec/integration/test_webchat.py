@@ -376,6 +376,10 @@ def test_a_flooding_visitor_is_slowed_then_refused_by_the_limits(demo):
     assert refused and int(refused.group(1)) >= 30, metrics[-3000:]
     bans = re.search(r'^prosody_mod_native_limits__bans\{host="conference\.localhost"\} (\d+)', metrics, re.M)
     assert bans and int(bans.group(1)) >= 1
+    # the ban closed the flooder's open session (and the watcher's: same address) right away
+    closed = re.findall(r'^prosody_mod_native_limits__ban_closed_sessions_total\{host="conference\.localhost",'
+                        r'transport="websocket",mode="enforce"\} (\d+)', metrics, re.M)
+    assert closed and int(closed[0]) >= 1, metrics[-3000:]
 
 
 def test_demo_refuses_to_start_on_a_taken_port(tmp_path):
