@@ -435,6 +435,30 @@ def run_lua(script, args=(), *, env=None, timeout=60, cwd=None):
 # -- raw XMPP ----------------------------------------------------------------------------------------------------
 
 
+
+class S2SProsody(ProsodyServer):
+    """A harness server with s2s enabled on a chosen address/port and extra VirtualHosts."""
+
+    def __init__(self, *, s2s_port, s2s_interface, vhosts, **kwargs):
+        self.s2s_port = s2s_port
+        self.s2s_interface = s2s_interface
+        self.vhosts = list(vhosts)
+        super().__init__(**kwargs)
+
+    def config_text(self):
+        saved = self.modules_disabled
+        self.modules_disabled = [m for m in saved if m != "s2s"]
+        try:
+            text = super().config_text()
+        finally:
+            self.modules_disabled = saved
+        interfaces = [self.s2s_interface] if isinstance(self.s2s_interface, str) else list(self.s2s_interface)
+        extra = [f"s2s_ports = {{ {self.s2s_port} }}", f"s2s_interfaces = {lua_literal(interfaces)}"]
+        head, sep, rest = text.partition('\nVirtualHost "localhost"')
+        hosts = "".join(f'\nVirtualHost "{h}"\n' for h in self.vhosts)
+        return head + "\n" + "\n".join(extra) + "\n" + hosts + sep + rest
+
+
 class RawXMPP:
     """Minimal client-to-server XMPP over a plain socket, for protocol checks slixmpp would hide.
 

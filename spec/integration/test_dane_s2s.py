@@ -23,27 +23,7 @@ B_ADDR = "127.0.0.2"
 B_ADDR3 = "127.0.0.3"
 
 
-class S2SProsody(harness.ProsodyServer):
-    """A harness server with s2s enabled on a chosen address/port and extra VirtualHosts."""
-
-    def __init__(self, *, s2s_port, s2s_interface, vhosts, **kwargs):
-        self.s2s_port = s2s_port
-        self.s2s_interface = s2s_interface
-        self.vhosts = list(vhosts)
-        super().__init__(**kwargs)
-
-    def config_text(self):
-        saved = self.modules_disabled
-        self.modules_disabled = [m for m in saved if m != "s2s"]
-        try:
-            text = super().config_text()
-        finally:
-            self.modules_disabled = saved
-        interfaces = [self.s2s_interface] if isinstance(self.s2s_interface, str) else list(self.s2s_interface)
-        extra = [f"s2s_ports = {{ {self.s2s_port} }}", f"s2s_interfaces = {harness.lua_literal(interfaces)}"]
-        head, sep, rest = text.partition('\nVirtualHost "localhost"')
-        hosts = "".join(f'\nVirtualHost "{h}"\n' for h in self.vhosts)
-        return head + "\n" + "\n".join(extra) + "\n" + hosts + sep + rest
+S2SProsody = harness.S2SProsody
 
 
 def scrape(server):

@@ -42,23 +42,12 @@ COUNTER = (
 )
 
 
-class S2SProsody(harness.ProsodyServer):
-    """A harness server with s2s on its own loopback address and one extra VirtualHost."""
+class S2SProsody(harness.S2SProsody):
+    """harness.S2SProsody with one extra VirtualHost and its clients."""
 
-    def __init__(self, *, s2s_port, s2s_interface, vhost, **kwargs):
-        self.s2s_port, self.s2s_interface, self.vhost = s2s_port, s2s_interface, vhost
-        super().__init__(**kwargs)
-
-    def config_text(self):
-        saved = self.modules_disabled
-        self.modules_disabled = [m for m in saved if m != "s2s"]
-        try:
-            text = super().config_text()
-        finally:
-            self.modules_disabled = saved
-        extra = f"s2s_ports = {{ {self.s2s_port} }}\ns2s_interfaces = {{ {harness.lua_string(self.s2s_interface)} }}"
-        head, sep, rest = text.partition('\nVirtualHost "localhost"')
-        return head + "\n" + extra + f'\n\nVirtualHost "{self.vhost}"\n' + sep + rest
+    def __init__(self, *, vhost, **kwargs):
+        self.vhost = vhost
+        super().__init__(vhosts=[vhost], **kwargs)
 
     def register_on_vhost(self, user):
         self.prosodyctl("register", user, self.vhost, "pass")
