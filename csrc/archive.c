@@ -89,6 +89,7 @@ typedef struct {
 	unsigned long log_ticket[2];
 	int log_cur;               /* the log being written */
 	int log_dirty;             /* the log holds appends the database lost (rolled back) */
+	int detached;              /* closed by db:detach(), opened again at the next use */
 	uint64_t next_lsn;
 	unsigned char *rec;        /* record buffer, reused */
 	size_t rec_cap;
@@ -663,12 +664,12 @@ static int wal_grown(void *arg, sqlite3 *db, const char *name, int frames) {
 
 /* fsyncs the WAL through this connection's handle of it: makes every frame written
  * so far, by any connection, durable. Falls back to a checkpoint, which syncs too. */
-static void sync_wal(sqlite3 *db) {
+static int sync_wal(sqlite3 *db) {
 	sqlite3_file *wal = NULL;
 	if(sqlite3_file_control(db, "main", SQLITE_FCNTL_JOURNAL_POINTER, &wal) == SQLITE_OK
 			&& wal && wal->pMethods && wal->pMethods->xSync(wal, SQLITE_SYNC_NORMAL) == SQLITE_OK)
-		return;
-	sqlite3_wal_checkpoint_v2(db, NULL, SQLITE_CHECKPOINT_FULL, NULL, NULL);
+		return 0;
+	return sqlite3_wal_checkpoint_v2(db, NULL, SQLITE_CHECKPOINT_FULL, NULL, NULL) == SQLITE_OK ? 0 : -1;
 }
 
 static void *checkpointer_main(void *arg) {
@@ -791,40 +792,41 @@ static const char *open_database(archive_db *a, const char *path, int durable, i
 static int batch_commit(archive_db *a);
 static int log_open(archive_db *a, const char *path);
 
-/* A forked child (Prosody daemonizing after its storage loaded) must not use the
- * parent's connection or expect its thread: it leaves both alone and opens its own.
- * A batch the parent had open dies with the parent's connection; its appends are in
- * the append log, whose descriptor and lock the child inherited, and are replayed
- * before the child's first operation. */
-static void reopen_after_fork(lua_State *L, archive_db *a) {
+/* Opens the database again after db:detach(), in whichever process uses it next (the
+ * daemonized child, or the same process). Stays detached on failure, so the next call
+ * tries again. */
+static void reattach(lua_State *L, archive_db *a) {
 	int readonly = 0;
-	memset(a->cache, 0, sizeof a->cache);
 	memset(&a->ckpt, 0, sizeof a->ckpt);
-	a->db = NULL;
-	a->pid = getpid();
-	a->generation = fork_generation;
-	a->batch_open = a->batch_count = 0;
-	/* the parent's sync tickets mean nothing to the child's new sync thread */
-	a->log_ticket[0] = a->log_ticket[1] = 0;
-	if(a->log_fd[0] >= 0 && a->log_size[a->log_cur] > 0)
-		a->log_dirty = 1;
 	if(open_database(a, a->path, a->durable, a->busy_ms, &readonly) != NULL
 			|| checkpointer_start(&a->ckpt, a->path, a->interval, a->log_fd) != 0) {
+		char msg[512];
+		snprintf(msg, sizeof msg, "%s: cannot open the archive database again: %s", a->path,
+			a->db ? sqlite3_errmsg(a->db) : "cannot start the checkpoint thread");
 		if(a->db) {
+			stmt_cache_clear(a);
 			sqlite3_close_v2(a->db);
 			a->db = NULL;
 		}
-		luaL_error(L, "%s: cannot reopen the archive database after fork", a->path);
+		luaL_error(L, "%s", msg);
 	}
 	sqlite3_wal_hook(a->db, wal_grown, &a->ckpt);
+	a->detached = 0;
+	a->pid = getpid();
+	a->generation = fork_generation;
 }
 
 static archive_db *check_db(lua_State *L) {
 	archive_db *a = luaL_checkudata(L, 1, ARCHIVE_MT);
-	if(!a->db)
+	if(!a->db && !a->detached)
 		luaL_argerror(L, 1, "archive database is closed");
-	if(a->generation != fork_generation)
-		reopen_after_fork(L, a);
+	/* SQLite connections must not cross a fork: a child sharing the parent's lock and
+	 * WAL-index state through them can lose commits to a third process's recovery */
+	if(a->db && a->generation != fork_generation)
+		luaL_error(L, "%s: the archive database was open when the process forked; "
+			"db:detach() must come before a fork", a->path);
+	if(!a->db)
+		reattach(L, a);
 	return a;
 }
 
@@ -842,8 +844,7 @@ static void archive_release(lua_State *L, archive_db *a) {
 		int clean = a->log_fd[0] >= 0 && !a->log_dirty;
 		if(a->batch_open)
 			clean = clean && !sqlite3_get_autocommit(a->db) && batch_commit(a) == 0;
-		if(clean) {
-			sync_wal(a->db);
+		if(clean && sync_wal(a->db) == 0) {
 			(void)!ftruncate(a->log_fd[0], 0);
 			(void)!ftruncate(a->log_fd[1], 0);
 		}
@@ -1335,6 +1336,8 @@ static size_t log_parse(const unsigned char *p, size_t n, struct append_rec *r, 
 	p += LOG_HEAD;
 	for(i = 0; i < 6; i++) {
 		lens[i] = get32(p + 16 + 4 * i);
+		if(lens[i] > len)
+			return 0; /* and the sum below cannot wrap, whatever size_t is */
 		sum += lens[i];
 	}
 	if(sum != len - LOG_FIXED)
@@ -1492,6 +1495,11 @@ static int log_replay(archive_db *a) {
 		goto out;
 	if(last >= a->next_lsn)
 		a->next_lsn = last + 1;
+	/* the replayed appends must be on disk before the logs that held them are emptied */
+	if(sync_wal(a->db) != 0) {
+		rc = 0; /* applied: kept in the logs until a later replay or rotation */
+		goto done;
+	}
 	a->log_dirty = 0;
 	a->log_cur = 0;
 	a->log_size[0] = a->log_size[1] = 0;
@@ -1530,6 +1538,9 @@ static int log_open(archive_db *a, const char *path) {
 			a->log_fd[0] = -1;
 			return busy ? 0 : -2;
 		}
+		/* ours now: until a replay succeeds, nothing (a close after a failure
+		 * below, say) may empty it */
+		a->log_dirty = 1;
 	}
 	if(applied_lsn(a, &applied) < 0)
 		return -1;
@@ -1616,6 +1627,43 @@ static int gate(lua_State *L, archive_db *a, int mode) {
 			return pn_fail(L, strerror(errno), "io-error");
 	}
 	return 0;
+}
+
+/* db:detach() -> true | nil, err, code
+ * Commits, stops the checkpoint thread and closes the connection, keeping the append
+ * logs (and their lock) and everything needed to open again at the next use. Before a
+ * fork (prosody -D): SQLite holds per-process lock and WAL-index state for each open
+ * file, which a child's new connection would share; nor may a thread be inside SQLite
+ * when the process forks. */
+static int Larchive_detach(lua_State *L) {
+	archive_db *a = luaL_checkudata(L, 1, ARCHIVE_MT);
+	int rc;
+	if(a->detached) {
+		lua_pushboolean(L, 1);
+		return 1;
+	}
+	a = check_db(L);
+	rc = gate(L, a, GATE_ALONE);
+	if(rc)
+		return rc;
+	sqlite3_wal_hook(a->db, NULL, NULL);
+	checkpointer_stop(&a->ckpt);
+	if(sync_wal(a->db) == 0) {
+		/* every commit is on disk: both logs may be written from their start again */
+		a->log_ticket[0] = a->log_ticket[1] = 0;
+		if(a->log_fd[0] >= 0 && !a->log_dirty) {
+			a->log_cur = 0;
+			a->log_size[0] = a->log_size[1] = 0;
+			if(ftruncate(a->log_fd[0], 0) != 0 || ftruncate(a->log_fd[1], 0) != 0)
+				a->log_dirty = 1; /* replayed (harmlessly, lsn-checked) at the next use */
+		}
+	}
+	stmt_cache_clear(a);
+	sqlite3_close_v2(a->db);
+	a->db = NULL;
+	a->detached = 1;
+	lua_pushboolean(L, 1);
+	return 1;
 }
 
 /* ---------------------------------------------------------------- queries */
@@ -2310,11 +2358,12 @@ static int delete_owner(lua_State *L, archive_db *a, struct query q, sqlite3_int
 		now = pn_monotonic();
 		if(now >= deadline)
 			return 1;
-		/* the COMMIT writes every page the batches dirtied: leave it most of what is left */
+		/* the COMMIT writes every page the batches dirtied, those of the rows already
+		 * deleted in this slice included: leave it its share of what is left */
 		per_row = (now - started) / got;
 		if(per_row > slowest)
 			slowest = per_row;
-		fits = (deadline - now) / (slowest + a->commit_per_row + 1e-9);
+		fits = (deadline - now - (double)*deleted * a->commit_per_row) / (slowest + a->commit_per_row + 1e-9);
 		if(fits < 8)
 			return 1;
 		if(fits > 2.0 * batch)
@@ -2808,6 +2857,7 @@ static const luaL_Reg archive_meta[] = {
 
 static const luaL_Reg archive_methods[] = {
 	{ "close", Larchive_close },
+	{ "detach", Larchive_detach },
 	{ "append", Larchive_append },
 	{ "flush", Larchive_flush },
 	{ "find", Larchive_find },

@@ -75,7 +75,8 @@ local flushing = flush_state[db_path];
 local m_commit; -- set below, with the other metrics
 local function flush_due()
 	local t0 = clock();
-	local left, err = db:flush(commit_delay);
+	local ok, left, err = pcall(db.flush, db, commit_delay);
+	if not ok then left, err = nil, left; end -- raised (the database closed, say)
 	if err == true then m_commit:sample(clock() - t0); end
 	if left == nil then
 		module:log("error", "Archive commit failed: %s", err);
@@ -90,14 +91,19 @@ local function batch_opened()
 		timer.add_task(commit_delay, flush_due);
 	end
 end
--- Nothing stays uncommitted across a fork (prosody -D daemonizes on server-started,
--- after this) or a shutdown.
+-- Nothing stays uncommitted across a shutdown.
 local function flush_now()
 	local ok, err = db:flush();
 	if ok == nil then module:log("error", "Archive commit failed: %s", err); end
 end
-module:hook_global("server-started", flush_now, 1000);
 module:hook_global("server-stopping", flush_now);
+-- No SQLite connection may cross a fork: prosody -D daemonizes on server-started (mod_posix,
+-- priority 0), so the database is committed and closed just before, and opens again in the
+-- daemon at its first use.
+module:hook_global("server-started", function ()
+	local ok, err = db:detach();
+	if not ok then module:log("error", "Archive database could not be closed before daemonizing: %s", err); end
+end, 1000);
 
 local op_seconds = module:metric("histogram", "op_duration", "seconds",
 	"Time spent in the archive engine per operation", { "op" },

@@ -412,10 +412,9 @@ describe("prosody_native.archive", function ()
 				assert.equal(0, file_size(path .. "-appendlog2"));
 			end);
 
-			it("reopens in a forked child, which replays the batch its parent left open", function ()
-				-- as prosody -D does: util.pposix.daemonize() forks twice and the parents exit()
-				local path = closed_fresh();
-				local result = dir .. "/forked.result";
+			-- A script run as prosody -D runs: util.pposix.daemonize() forks, the parent exits (as
+			-- mod_posix makes it) and the daemon goes on; the daemon writes `result` when done.
+			local function run_daemonizing(path, result, daemon_lines, before_fork)
 				local file = os.tmpname();
 				local f = assert(io.open(file, "w"));
 				f:write(table.concat({
@@ -423,14 +422,11 @@ describe("prosody_native.archive", function ()
 					("local db = assert(archive.open(%q, { batch = 1000, batch_delay = 60 }))"):format(path),
 					"for i = 1, 10 do io.stdout:write(assert(db:append('h', 's', 'u', nil, 'parent', i, '')), string.char(10)) end",
 					"io.stdout:flush()",
-					"assert(require 'util.pposix'.daemonize())",
+					before_fork,
+					"local _, pid = assert(require 'util.pposix'.daemonize())",
+					"if pid and pid > 0 then os.exit(0) end",
 					"local ok, err = pcall(function ()",
-					"  for i = 11, 15 do assert(db:append('h', 's', 'u', 'child' .. i, 'child', i, '')) end",
-					"  local rows, n = assert(db:find('h', 's', 'u', {}))",
-					"  local keys = {}",
-					"  for i = 1, n do keys[i] = rows[4 * i - 3] end",
-					"  assert(db:flush())",
-					"  return table.concat(keys, ' ')",
+					table.concat(daemon_lines, "\n"),
 					"end)",
 					("local out = assert(io.open(%q .. '.tmp', 'w'))"):format(result),
 					"out:write(tostring(err)) out:close()",
@@ -441,17 +437,54 @@ describe("prosody_native.archive", function ()
 				local keys = {};
 				for line in p:lines() do keys[#keys+1] = line; end
 				p:close();
-				assert.equal(10, #keys);
 				local got;
-				for _ = 1, 200 do
+				for _ = 1, 600 do
 					local rf = io.open(result);
 					if rf then got = rf:read("a"); rf:close(); break; end
 					os.execute("sleep 0.05");
 				end
 				os.remove(file);
-				for i = 11, 15 do keys[#keys+1] = "child" .. i; end
-				assert.equal(table.concat(keys, " "), got);
-				assert.equal("15\n", sqlite(path, "SELECT count(*) FROM items;"));
+				return keys, got;
+			end
+
+			it("closes before a fork and opens again in the daemon, which loses nothing to another process", function ()
+				local path = closed_fresh();
+				local result = dir .. "/forked.result";
+				-- the daemon appends, another process opens the database (as `prosodyctl
+				-- mod_storage_native stats` does) and closes it, the daemon appends more
+				local other = ("LUA_CPATH=%q lua5.4 -e %q"):format(cpath(),
+					("local db = assert(require 'prosody_native.archive'.open(%q)); assert(db:stats()); db:close()"):format(path));
+				local keys, got = run_daemonizing(path, result, {
+					"  for i = 11, 13 do assert(db:append('h', 's', 'u', 'child' .. i, 'child', i, '')) end",
+					"  assert(db:flush())", -- (a server commits within storage_native_commit_delay)
+					("  assert(os.execute(%q))"):format(other),
+					"  for i = 14, 2000 do assert(db:append('h', 's', 'u', 'child' .. i, 'child', i, '')) end",
+					"  local _, _, total = assert(db:find('h', 's', 'u', { limit = 0, total = true }))",
+					"  db:close()",
+					"  return total",
+				}, "assert(db:detach())");
+				assert.equal(10, #keys);
+				assert.equal("2000", got);
+				assert.equal("2000\n", sqlite(path, "SELECT count(*) FROM items;"));
+				local db = assert(archive.open(path));
+				local rows, n = assert(db:find("h", "s", "u", { limit = 12 }));
+				assert.equal(12, n);
+				for i = 1, 10 do assert.equal(keys[i], rows[4 * i - 3]); end
+				assert.equal("child11", rows[4 * 11 - 3]);
+				assert.is_true((db:check()));
+				db:close();
+			end);
+
+			it("refuses to use a connection that was open when the process forked", function ()
+				local path = closed_fresh();
+				local result = dir .. "/forked-open.result";
+				local keys, got = run_daemonizing(path, result, {
+					"  assert(db:append('h', 's', 'u', 'child', 'child', 11, ''))",
+				}, "assert(db:flush())");
+				assert.equal(10, #keys);
+				assert.truthy(got and got:find("was open when the process forked", 1, true), got);
+				-- the parent's ten appends were committed before the fork
+				assert.equal("10\n", sqlite(path, "SELECT count(*) FROM items;"));
 			end);
 
 			it("keeps the log when its replay fails, and replays it at the next open", function ()
