@@ -367,7 +367,12 @@ local function route_with(event, state, policy)
 		local why = state.outcome == "insecure" and "its DNS records are not DNSSEC-signed" or "it publishes no TLSA records";
 		return refuse_route(event, "required", ("DANE is required for %s but %s"):format(event.to_host, why));
 	end
-	routing[event.to_host] = { state = state; policy = policy };
+	local entry = { state = state; policy = policy };
+	routing[event.to_host] = entry;
+	-- mod_s2s creates the session and its resolvers synchronously; nothing later may use it
+	module:add_timer(0, function ()
+		if routing[event.to_host] == entry then routing[event.to_host] = nil; end
+	end);
 	return nil; -- on to mod_s2s, which creates the session (s2sout-created below)
 end
 
@@ -518,15 +523,17 @@ end
 -- original one, so nothing is re-serialised, dropped or sent twice.
 local function reroute(from_host, to_host, state, items, trigger, prior)
 	local host = prosody.hosts[from_host];
-	local new;
+	local new, fired;
 	if host and not host.s2sout[to_host] then -- else the trigger could leave over someone else's session
 		module:context(from_host):fire_event("route/remote", { from_host = from_host; to_host = to_host; stanza = trigger;
 			native_dane_state = state });
+		fired = true;
 		new = host.s2sout[to_host];
 	end
 	if not (new and new.sendq and #new.sendq == 1) then
 		module:log("warn", "DANE: could not open a connection to the next target of %s", to_host);
-		return bounce_queued(from_host, items, prior);
+		-- once fired, the trigger is whoever took it's (sent, queued or already bounced)
+		return bounce_queued(from_host, fired and { table.unpack(items, 2) } or items, prior);
 	end
 	new.sendq = items;
 	local bounce_sendq = new.bounce_sendq;
@@ -543,6 +550,15 @@ end
 -- bounce, naming every target's cause) only when none is.
 local function fail_target(session, targets, reason, text)
 	local state = session.native_dane.state;
+	state.reroutes = (state.reroutes or 0) + 1;
+	if #targets == 0 or state.reroutes > #state.targets then
+		-- not tied to a target (an address no target of this decision has): nothing to skip,
+		-- so no next target to try; the next attempt resolves anew
+		local c = cache[session.to_host];
+		if c and c.state == state then cache[session.to_host] = nil; end
+		session.native_dane_final = true;
+		return refuse_session(session, reason, text);
+	end
 	state.failed = state.failed or {};
 	for _, t in ipairs(targets) do state.failed[t] = text; end
 	local left, causes, seen = 0, {}, {};
