@@ -340,6 +340,14 @@ local function track(session, s)
 	set[session] = true;
 end
 
+local function untrack(session)
+	local s = tracked[session];
+	if not s then return; end
+	tracked[session] = nil;
+	local set = tracked_by_key[s.key];
+	if set then set[session] = nil; end
+end
+
 local function transport_of(session)
 	if session.websocket_request then return "websocket"; end
 	if session.requests or session.bosh_version then return "bosh"; end
@@ -349,7 +357,11 @@ end
 -- The session's limiter key, computed once; false when the session is never limited.
 local function session_state(session)
 	local s = session[FIELD];
-	if s ~= nil then return s or nil; end
+	if s ~= nil then
+		-- a session limited by a previous instance (module reload) is tracked again
+		if s and not is_component and not tracked[session] then track(session, s); end
+		return s or nil;
+	end
 	if session.outgoing or not (session.type == "c2s" or session.type == "c2s_unauthed") then return nil; end
 	local key = session.ip and engine.address(session.ip);
 	if not key then
@@ -655,6 +667,20 @@ if not is_component then
 		if s then add_concurrency("bound", config.max_sessions, s.key, event.session); end
 	end);
 
+	-- A resumed stream-management session goes on over the new connection, from its address; the
+	-- temporary session that brought that connection stays behind with it and must not be what a
+	-- ban closes (that would only send the resumed session back into hibernation).
+	module:hook("smacks-hibernation-end", function (event)
+		local carrier, resumed = event.origin, event.resumed;
+		if not (carrier and resumed) or carrier == resumed then return; end
+		local s = carrier[FIELD];
+		untrack(carrier);
+		if s == nil then return; end
+		untrack(resumed);
+		resumed[FIELD] = s;
+		if s then track(resumed, s); end
+	end);
+
 	local function refuse_stanza(session, stanza, text)
 		local t = stanza.attr.type;
 		if t == "error" or (stanza.name == "iq" and t == "result") then return; end
@@ -924,6 +950,14 @@ function module.restore(state)
 		lim = state.limiter;
 		module.limiter = lim;
 		define_rules();
+	end
+	-- the bound sessions limited by the previous instance, hibernated ones included, are tracked
+	-- again, so that a ban still closes them
+	local this_host = not is_component and prosody.hosts[host];
+	for _, user in pairs(this_host and this_host.sessions or {}) do
+		for _, session in pairs(user.sessions or {}) do
+			if session[FIELD] then session_state(session); end
+		end
 	end
 end
 

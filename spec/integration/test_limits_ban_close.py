@@ -4,12 +4,14 @@ addresses of a loopback-routed /24 (the fixture of test_limits_prefixes, needs r
 through 127.0.0.1 acting as a trusted reverse proxy with X-Forwarded-For. The loopback exemption stays on (default).
 """
 
+import base64
 import re
 import threading
 import time
 import urllib.request
 
 import harness
+import pytest
 
 from test_limits_helpers import (ANON_HOST, MUC_HOST, Anon, WebSocketXMPP, all_decisions, expect_stream_error,
                                  limits_server, metrics)
@@ -248,3 +250,65 @@ def test_bans_of_one_tick_close_their_sessions_together(prosody_factory, prefixe
         assert kind == "stream-error" and "try again in 60 seconds" in text, (kind, text)
     assert f"Closed 3 open session(s) of {v4}.70, {v4}.71, {v4}.72/31: banned" in srv.log_text()
     assert ban_closed(srv) == {("tcp", "enforce"): 3}
+
+
+def password_login(c, user, password, resource):
+    harness.RawXMPP.login(c, user, password, resource)
+    return c
+
+
+@pytest.mark.parametrize("smacks", ["smacks", "native_smacks"])
+def test_a_ban_closes_a_resumed_session_at_its_new_address(prosody_factory, prefixes, smacks):  # noqa: F811
+    """The ban finds the resumed session by the address it resumed from, and closes it for good: the
+    connection's temporary session is not what it closes (that would only send it back to hibernation)."""
+    p = prefixes
+    v4, s4 = p["v4"], p["server4"]
+    srv = limits_server(prosody_factory, exempt_loopback=True, global_options={"interfaces": ["127.0.0.1", s4]},
+                        modules=[smacks], modules_disabled=["smacks"] if smacks != "smacks" else (),
+                        host_options={"authentication": "internal_plain", "smacks_hibernation_time": 600,
+                                      "native_limits_connections": False})
+    srv.register("alice", "pw")
+    first = password_login(From(srv, f"{v4}.20", s4), "alice", "pw", "phone")
+    first.send("<enable xmlns='urn:xmpp:sm:3' resume='true'/>")
+    previd = re.search(r"<enabled[^>]*\bid=['\"]([^'\"]+)", first.read_until(r"<enabled[^>]*/?>")).group(1)
+    first.sock.close()
+    probe = ("(function() local s = prosody.full_sessions[" + harness.lua_string(first.jid) + "] "
+             "if not s then return 'gone' end if s.hibernating then return 'hibernating' end return 'online' end)()")
+    deadline = time.monotonic() + 15
+    while srv.shell_result(probe) != "hibernating":
+        assert time.monotonic() < deadline, "the session never hibernated"
+        time.sleep(0.1)
+
+    second = From(srv, f"{v4}.21", s4)
+    second.open_stream()
+    token = base64.b64encode(b"\0alice\0pw").decode()
+    second.send(f"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>{token}</auth>")
+    assert "<success" in second.read_until(r"<success[^>]*/>|<success.*?</success>|</failure>")
+    second.open_stream()
+    second.send(f"<resume xmlns='urn:xmpp:sm:3' previd='{previd}' h='0'/>")
+    assert "<resumed" in second.read_until(r"<resumed[^>]*/>|</failed>")
+    assert srv.shell_result(probe) == "online"
+
+    assert f"Banned {v4}.21 on 1 host(s)" in srv.shell(f'limits:ban("{v4}.21", "1h")')
+    kind, text = second._outcome(r"(?!)")
+    assert kind == "stream-error", (kind, text)
+    expect_stream_error(text, contains="try again in 3600 seconds")
+    deadline = time.monotonic() + 10
+    while srv.shell_result(probe) != "gone":
+        assert time.monotonic() < deadline, "the resumed session was not closed by the ban (it hibernated again?)"
+        time.sleep(0.1)
+    assert ban_closed(srv) == {("tcp", "enforce"): 1}
+
+
+def test_a_ban_after_a_module_reload_still_closes_the_sessions(prosody_factory, prefixes):  # noqa: F811
+    p = prefixes
+    v4, s4 = p["v4"], p["server4"]
+    srv = limits_server(prosody_factory, exempt_loopback=True, global_options={"interfaces": ["127.0.0.1", s4]},
+                        host_options={"native_limits_connections": False})
+    bound = From(srv, f"{v4}.30", s4)
+    assert bound.login()[0] == "ok"
+    srv.shell(f'module:reload("native_limits", "{ANON_HOST}")')
+    assert f"Banned {v4}.30 on 1 host(s)" in srv.shell(f'limits:ban("{v4}.30", "1h")')
+    kind, text = bound._outcome(r"(?!)")
+    assert kind == "stream-error", (kind, text)
+    expect_stream_error(text, contains="try again in 3600 seconds")
