@@ -797,12 +797,13 @@ static int log_open(archive_db *a, const char *path);
  * tries again. */
 static void reattach(lua_State *L, archive_db *a) {
 	int readonly = 0;
+	const char *stage;
 	memset(&a->ckpt, 0, sizeof a->ckpt);
-	if(open_database(a, a->path, a->durable, a->busy_ms, &readonly) != NULL
-			|| checkpointer_start(&a->ckpt, a->path, a->interval, a->log_fd) != 0) {
+	stage = open_database(a, a->path, a->durable, a->busy_ms, &readonly);
+	if(stage || checkpointer_start(&a->ckpt, a->path, a->interval, a->log_fd) != 0) {
 		char msg[512];
-		snprintf(msg, sizeof msg, "%s: cannot open the archive database again: %s", a->path,
-			a->db ? sqlite3_errmsg(a->db) : "cannot start the checkpoint thread");
+		snprintf(msg, sizeof msg, "%s: cannot open the archive database again (%s): %s", a->path,
+			stage ? stage : "thread", stage && a->db ? sqlite3_errmsg(a->db) : "cannot start the checkpoint thread");
 		if(a->db) {
 			stmt_cache_clear(a);
 			sqlite3_close_v2(a->db);
@@ -924,8 +925,9 @@ static const char *open_database(archive_db *a, const char *path, int durable, i
 		return "read";
 	if(version > SCHEMA_VERSION)
 		return "newer-schema";
-	/* auto_vacuum only takes effect before the first table exists. */
-	if(exec_sql(a, "PRAGMA auto_vacuum = INCREMENTAL") != SQLITE_OK)
+	/* auto_vacuum only takes effect before the first table exists (and setting it
+	 * writes the header: not when opening again, see below) */
+	if(!(a->detached && version == SCHEMA_VERSION) && exec_sql(a, "PRAGMA auto_vacuum = INCREMENTAL") != SQLITE_OK)
 		return "configure";
 	if(sqlite3_prepare_v2(a->db, "PRAGMA journal_mode = WAL", -1, &st, NULL) != SQLITE_OK)
 		return "configure";
@@ -941,6 +943,10 @@ static const char *open_database(archive_db *a, const char *path, int durable, i
 			|| exec_sql(a, "PRAGMA secure_delete = FAST") != SQLITE_OK
 			|| exec_sql(a, "PRAGMA cache_size = -16384") != SQLITE_OK)
 		return "configure";
+	/* Opening again after db:detach() needs no write lock (another process may hold
+	 * it): the schema was settled at the first open. */
+	if(a->detached && version == SCHEMA_VERSION)
+		return NULL;
 	if(exec_sql(a, "BEGIN IMMEDIATE") != SQLITE_OK)
 		return "schema";
 	for(i = 0; SCHEMA[i]; i++) {

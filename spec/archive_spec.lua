@@ -475,6 +475,31 @@ describe("prosody_native.archive", function ()
 				db:close();
 			end);
 
+			it("opens again after detach while another process holds the write lock", function ()
+				local path = closed_fresh();
+				local db = assert(archive.open(path, { batch = 256, batch_delay = 0.05, busy_timeout = 5 }));
+				assert(db:append("h", "s", "u", "k1", "x", 1, ""));
+				assert.is_true(db:detach());
+				assert.is_true(db:detach()); -- twice is fine
+				-- the sqlite3 shell holds the write lock for a second
+				local shell = assert(io.popen(("sqlite3 %q > /dev/null"):format(path), "w"));
+				shell:write("BEGIN IMMEDIATE;\n.shell touch " .. path .. ".locked; sleep 1\nROLLBACK;\n");
+				shell:flush();
+				for _ = 1, 100 do
+					if io.open(path .. ".locked") then break; end
+					os.execute("sleep 0.02");
+				end
+				-- reopening needs no write lock; the append itself waits its turn ("busy")
+				local ok, err, code = db:append("h", "s", "u", "k2", "x", 2, "");
+				assert.same({ nil, "busy" }, { ok, code }, err);
+				shell:close();
+				os.remove(path .. ".locked");
+				assert.equal("k2", (db:append("h", "s", "u", "k2", "x", 2, "")));
+				assert(db:flush());
+				assert.equal("2\n", sqlite(path, "SELECT count(*) FROM items;"));
+				db:close();
+			end);
+
 			it("refuses to use a connection that was open when the process forked", function ()
 				local path = closed_fresh();
 				local result = dir .. "/forked-open.result";

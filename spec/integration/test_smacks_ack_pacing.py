@@ -3,6 +3,7 @@ round trips, light traffic is asked at once, and the last stanzas of a burst are
 
 import math
 import re
+import threading
 import time
 
 import harness
@@ -26,7 +27,14 @@ def flood(server, n):
     sender.login(new_user(server, "s"), "pass")
     body = "y" * 100
     t0 = time.monotonic()
-    sender.send("".join(f"<message to='{c.jid}' type='chat' id='f{i}'><body>{body}</body></message>" for i in range(n)))
+
+    def send_in_chunks():  # 10 writes, 30 ms apart: each arrives well within the 0.1 s interval of the last <r/>
+        for k in range(10):
+            sender.send("".join(f"<message to='{c.jid}' type='chat' id='f{i}'><body>{body}</body></message>"
+                                for i in range(k * n // 10, (k + 1) * n // 10)))
+            time.sleep(0.03)
+    writer = threading.Thread(target=send_in_chunks, daemon=True)
+    writer.start()
     got = requests = 0
     while got < n:
         text = c.read_until(r"<message\b.*?</message>|<r xmlns=['\"]%s['\"]/>" % SM3, 20)
@@ -46,6 +54,7 @@ def flood(server, n):
             pass
     took = time.monotonic() - t0  # every request counted above was sent within this time
     assert unacked(server, c.jid) == 0
+    writer.join()
     sender.close()
     return requests, took, c
 
