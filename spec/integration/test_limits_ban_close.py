@@ -84,6 +84,12 @@ def ws_login_bind(srv, xff):
     return ws
 
 
+def prefix_server(prosody_factory, prefixes, **options):  # noqa: F811
+    """limits_server listening on the test prefix's server address too, loopback exempt."""
+    return limits_server(prosody_factory, exempt_loopback=True,
+                         global_options={"interfaces": ["127.0.0.1", prefixes["server4"]]}, **options)
+
+
 def hibernate(c, srv):
     c.send("<enable xmlns='urn:xmpp:sm:3' resume='true'/>")
     c.read_until(r"<enabled[^>]*/?>")
@@ -155,9 +161,8 @@ def test_shell_ban_of_a_prefix_closes_every_transport_and_only_inside_it(prosody
 
 
 def test_escalation_to_a_ban_closes_the_address_other_sessions(prosody_factory, prefixes):  # noqa: F811
-    p = prefixes
-    v4, s4 = p["v4"], p["server4"]
-    srv = limits_server(prosody_factory, exempt_loopback=True, global_options={"interfaces": ["127.0.0.1", s4]},
+    v4, s4 = prefixes["v4"], prefixes["server4"]
+    srv = prefix_server(prosody_factory, prefixes,
                         host_options={"native_limits_logins": dict(OFF, address="2/10min"),
                                       "native_limits_connections": False, "native_limits_max_delay": 0,
                                       "native_limits_close_after": 3})
@@ -184,10 +189,8 @@ def test_escalation_to_a_ban_closes_the_address_other_sessions(prosody_factory, 
 
 
 def test_dry_run_ban_counts_but_closes_nothing(prosody_factory, prefixes):  # noqa: F811
-    p = prefixes
-    v4, s4 = p["v4"], p["server4"]
-    srv = limits_server(prosody_factory, exempt_loopback=True, global_options={"interfaces": ["127.0.0.1", s4]},
-                        host_options={"native_limits_dry_run": True})
+    v4, s4 = prefixes["v4"], prefixes["server4"]
+    srv = prefix_server(prosody_factory, prefixes, host_options={"native_limits_dry_run": True})
     c = From(srv, f"{v4}.30", s4)
     assert c.login()[0] == "ok"
     srv.shell(f'limits:ban("{v4}.30", 600)')
@@ -236,10 +239,8 @@ def test_moderator_ban_closes_the_occupant_sessions(prosody_factory, prefixes): 
 
 
 def test_bans_of_one_tick_close_their_sessions_together(prosody_factory, prefixes):  # noqa: F811
-    p = prefixes
-    v4, s4 = p["v4"], p["server4"]
-    srv = limits_server(prosody_factory, exempt_loopback=True, global_options={"interfaces": ["127.0.0.1", s4]},
-                        host_options={"native_limits_connections": False})
+    v4, s4 = prefixes["v4"], prefixes["server4"]
+    srv = prefix_server(prosody_factory, prefixes, host_options={"native_limits_connections": False})
     a, b, c = (From(srv, f"{v4}.{n}", s4) for n in (70, 71, 72))
     for x in (a, b, c):
         assert x.login()[0] == "ok"
@@ -261,10 +262,9 @@ def password_login(c, user, password, resource):
 def test_a_ban_closes_a_resumed_session_at_its_new_address(prosody_factory, prefixes, smacks):  # noqa: F811
     """The ban finds the resumed session by the address it resumed from, and closes it for good: the
     connection's temporary session is not what it closes (that would only send it back to hibernation)."""
-    p = prefixes
-    v4, s4 = p["v4"], p["server4"]
-    srv = limits_server(prosody_factory, exempt_loopback=True, global_options={"interfaces": ["127.0.0.1", s4]},
-                        modules=[smacks], modules_disabled=["smacks"] if smacks != "smacks" else (),
+    v4, s4 = prefixes["v4"], prefixes["server4"]
+    srv = prefix_server(prosody_factory, prefixes, modules=[smacks],
+                        modules_disabled=["smacks"] if smacks != "smacks" else (),
                         host_options={"authentication": "internal_plain", "smacks_hibernation_time": 600,
                                       "native_limits_connections": False})
     srv.register("alice", "pw")
@@ -301,10 +301,8 @@ def test_a_ban_closes_a_resumed_session_at_its_new_address(prosody_factory, pref
 
 
 def test_a_ban_after_a_module_reload_still_closes_the_sessions(prosody_factory, prefixes):  # noqa: F811
-    p = prefixes
-    v4, s4 = p["v4"], p["server4"]
-    srv = limits_server(prosody_factory, exempt_loopback=True, global_options={"interfaces": ["127.0.0.1", s4]},
-                        host_options={"native_limits_connections": False})
+    v4, s4 = prefixes["v4"], prefixes["server4"]
+    srv = prefix_server(prosody_factory, prefixes, host_options={"native_limits_connections": False})
     bound = From(srv, f"{v4}.30", s4)
     assert bound.login()[0] == "ok"
     srv.shell(f'module:reload("native_limits", "{ANON_HOST}")')
