@@ -62,6 +62,8 @@ def world(tmp_path_factory):
     for name in ("in-mis", "in-req", "in-plain", "in-ok"):
         receiver(name, [(0, f"t-{name}", B_MAIN, [f"3 1 1 {ee}"], None)])
     receiver("moved", [(0, "t-moved", B_MAIN, [f"3 1 1 {ee}"], None)])
+    # A requires DANE for it; its second target publishes no TLSA
+    receiver("moved-req", [(0, "t-mr-dane", B_MAIN, [f"3 1 1 {ee}"], None), (10, "t-mr-plain", B_MAIN, [], None)])
     receiver("shortttl", [(0, "t-shortttl", B_MAIN, [f"3 1 1 {ee}"], SHORT_TTL)])
     receiver("fallback", [(0, "t-fb-bad", B_BAD, [f"3 1 1 {tb.flip(ee)}"], None),
                           (10, "t-fb-good", B_MAIN, [f"3 1 1 {ee}"], None)])
@@ -82,7 +84,8 @@ def world(tmp_path_factory):
                                        dane_domain_policy={SENDER: "required", "badreq.dane.example": "required",
                                                            "plainsender.dane.example": "required"}))
     a = S2SProsody(name="dane-more-A", s2s_port=a_port, s2s_interface="127.0.0.1", vhosts=senders,
-                   modules=["tls", "dialback", "native_dane", "http_openmetrics"], global_options=common)
+                   modules=["tls", "dialback", "native_dane", "http_openmetrics"],
+                   global_options=dict(common, dane_domain_policy={"moved-req.dane.example": "required"}))
     try:
         b.start()
         a.start()
@@ -189,6 +192,30 @@ def test_an_address_no_validated_target_has_is_refused(world):
     assert "pong from moved.dane.example" in out, out
     assert re.search(r"DANE: moved\.dane\.example verified by TLSA 3 1 1 at depth 0", a.log_text())
     assert re.search(r"Received\[s2sin\]: <iq[^>]*to='moved\.dane\.example'", b.log_text())
+
+
+def test_under_required_an_address_no_target_has_is_refused_once_not_retried_forever(world):
+    # As above, but A requires DANE and one target has no TLSA: the refusal is tied to no target of the decision,
+    # so there is no next target to move to. It must end (and the decision go) instead of reconnecting to the same
+    # address again and again.
+    a, b, bed = world["a"], world["b"], world["bed"]
+    out = ping(a, "moved-req.dane.example")
+    assert "pong from moved-req.dane.example" in out, out
+    close_s2s(world, "moved-req.dane.example")
+    bed.replace("t-mr-dane", "A", [B_MOVED])
+    bed.resign()
+    bed.flush()
+    a.shell_result('require"net.unbound".dns.purge()')
+    before = scrape(a)
+    out = ping(a, "moved-req.dane.example")
+    assert "pong" not in out, out
+    assert "DANE: connected to 127.0.0.4, which has no DNSSEC-signed TLSA records" in out, out
+    after = scrape(a)
+    assert metric(after, "refused", "reason", "required") == metric(before, "refused", "reason", "required") + 1
+    assert metric(after, "fallbacks", "reason", "required") == metric(before, "fallbacks", "reason", "required")
+    out = ping(a, "moved-req.dane.example")
+    assert "pong from moved-req.dane.example" in out, out
+    assert re.search(r"DANE: moved-req\.dane\.example verified by TLSA 3 1 1 at depth 0", a.log_text())
 
 
 def test_a_tlsa_change_takes_effect_after_its_ttl_not_after_dane_cache_ttl(world):
