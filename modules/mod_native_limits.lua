@@ -253,6 +253,16 @@ local lim = assert(engine.new({ capacity = config.capacity; offenders = config.o
 	ban_max = config.ban.ban_max; ban_forgive = config.ban.ban_forgive }));
 local rule_ids, rule_levels = {}, {};
 
+-- The token bucket t[key] for `r` ({ rate, burst }), made on first use.
+local function bucket_in(t, key, r)
+	local b = t[key];
+	if not b then
+		b = lim:bucket(r.rate, r.burst);
+		t[key] = b;
+	end
+	return b;
+end
+
 local function define_rules()
 	for name, levels in pairs(config.rules) do
 		local defs = {};
@@ -695,24 +705,14 @@ if not is_component then
 		if config.staff:contains(jid_bare(stanza.attr.to or "")) then return; end
 		local ok, wait, rule = true, 0, nil;
 		if config.session_stanzas then
-			local b = s.bucket;
-			if not b then
-				b = lim:bucket(config.session_stanzas.rate, config.session_stanzas.burst);
-				s.bucket = b;
-			end
-			ok, wait = b:take(1, config.max_delay);
+			ok, wait = bucket_in(s, "bucket", config.session_stanzas):take(1, config.max_delay);
 			rule = "session_stanzas";
 		end
 		local kind_rate = config.session_kinds[stanza.name];
 		if ok and kind_rate then
 			local buckets = s.kind_buckets;
 			if not buckets then buckets = {}; s.kind_buckets = buckets; end
-			local b = buckets[stanza.name];
-			if not b then
-				b = lim:bucket(kind_rate.rate, kind_rate.burst);
-				buckets[stanza.name] = b;
-			end
-			local ok2, wait2 = b:take(1, config.max_delay);
+			local ok2, wait2 = bucket_in(buckets, stanza.name, kind_rate):take(1, config.max_delay);
 			if not ok2 or wait2 > wait then ok, wait, rule = ok2, wait2, "session_" .. stanza.name; end
 		end
 		local r = rule_for(s, "stanzas");
@@ -754,12 +754,7 @@ if not is_component then
 				if jid_bare(full) == to then return; end
 			end
 		end
-		local b = s.unsolicited_bucket;
-		if not b then
-			b = lim:bucket(config.unsolicited.rate, config.unsolicited.burst);
-			s.unsolicited_bucket = b;
-		end
-		if b:take() then return; end
+		if bucket_in(s, "unsolicited_bucket", config.unsolicited):take() then return; end
 		count("unsolicited", "refuse");
 		if config.dry_run then return; end
 		session.send(st.error_reply(stanza, "wait", "policy-violation",
@@ -799,12 +794,7 @@ if is_component then
 	local function room_join_allowed(room)
 		local r = config.muc_room_joins;
 		if not r then return true; end
-		local b = room_buckets[room];
-		if not b then
-			b = lim:bucket(r.rate, r.burst);
-			room_buckets[room] = b;
-		end
-		return b:take();
+		return bucket_in(room_buckets, room, r):take();
 	end
 
 	module:hook_global("config-reloaded", function ()
@@ -890,12 +880,7 @@ if is_component then
 			end
 		end
 		if not config.muc_messages then return; end
-		local b = s.muc_bucket;
-		if not b then
-			b = lim:bucket(config.muc_messages.rate, config.muc_messages.burst);
-			s.muc_bucket = b;
-		end
-		if b:take() then return; end
+		if bucket_in(s, "muc_bucket", config.muc_messages):take() then return; end
 		count("muc_messages", "refuse");
 		if not config.dry_run then
 			s.refused = s.refused + 1;
