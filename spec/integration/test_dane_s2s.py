@@ -16,7 +16,12 @@ import pytest
 import dnssec_testbed as tb
 import harness
 
-pytestmark = pytest.mark.skipif(bool(tb.tools_missing()), reason="DNSSEC test bed tools missing (make deps)")
+
+@pytest.fixture(autouse=True, scope="module")
+def dns_test_bed_tools():
+    missing = tb.tools_missing()
+    assert not missing, f"DNSSEC test bed tools missing: {missing} (make deps installs them)"
+
 
 SENDER = "sender.dane.example"
 B_ADDR = "127.0.0.2"

@@ -4,8 +4,8 @@ and a shell ban closing an open session.
 
 Prosody 13 is not installed system-wide: the spec runs Debian's bookworm-backports package extracted into a cache
 directory (PN_PROSODY13_ROOT, default /tmp/pn-prosody13; fetched with `apt-get download` through a private sources
-list on first use, never installed). Its launchers get their paths rewritten to the extracted tree. If the package
-can neither be found nor fetched (no network), the spec is skipped and says so.
+list on first use, never installed, as `make check` installs its other packages with apt). Its launchers get their
+paths rewritten to the extracted tree. If the package can neither be found nor fetched, the spec fails and says why.
 """
 
 import os
@@ -43,7 +43,7 @@ def prosody13():
         try:
             _fetch(ROOT)
         except (subprocess.SubprocessError, OSError, IndexError) as e:
-            pytest.skip(f"no Prosody 13 tree at {ROOT} and fetching {PACKAGE} failed: {e}")
+            pytest.fail(f"no Prosody 13 tree at {ROOT} and fetching {PACKAGE} failed: {e}")
     version = (lib / "prosody.version").read_text().strip()
     assert version.startswith("13."), version
     return ROOT, version

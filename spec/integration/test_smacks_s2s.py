@@ -25,7 +25,12 @@ import dnssec_testbed as tb
 import harness
 from harness import RawXMPP
 
-pytestmark = pytest.mark.skipif(bool(tb.tools_missing()), reason="DNS test bed tools missing (make deps)")
+
+@pytest.fixture(autouse=True, scope="module")
+def dns_test_bed_tools():
+    missing = tb.tools_missing()
+    assert not missing, f"DNS test bed tools missing: {missing} (make deps installs them)"
+
 
 SM3 = "urn:xmpp:sm:3"
 STANZAS = "urn:ietf:params:xml:ns:xmpp-stanzas"
