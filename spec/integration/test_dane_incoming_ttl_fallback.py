@@ -16,7 +16,12 @@ import pytest
 import dnssec_testbed as tb
 from test_dane_s2s import S2SProsody, ping, scrape
 
-pytestmark = pytest.mark.skipif(bool(tb.tools_missing()), reason="DNSSEC test bed tools missing (make deps)")
+
+@pytest.fixture(autouse=True, scope="module")
+def dns_test_bed_tools():
+    missing = tb.tools_missing()
+    assert not missing, f"DNSSEC test bed tools missing: {missing} (make deps installs them)"
+
 
 SENDER = "sender.dane.example"
 B_MAIN, B_MOVED, B_BAD = "127.0.0.2", "127.0.0.4", "127.0.0.5"
@@ -168,18 +173,25 @@ def test_incoming_required_without_tlsa_is_refused(world):
 
 # -- addresses, lifetimes ------------------------------------------------------------------------------------------
 
+def move_after_a_verified_ping(world, domain, target):
+    """A pings `domain` (which caches A's decision), then the zone moves `target` to B_MOVED and every cache below
+    A's decision is emptied, so Prosody's own next lookup finds an address the decision does not know."""
+    a, bed = world["a"], world["bed"]
+    out = ping(a, domain)
+    assert f"pong from {domain}" in out, out
+    close_s2s(world, domain)
+    bed.replace(target, "A", [B_MOVED])
+    bed.resign()
+    bed.flush()
+    a.shell_result('require"net.unbound".dns.purge()')
+
+
 def test_an_address_no_validated_target_has_is_refused(world):
     # A's decision for moved.dane.example says t-moved is 127.0.0.2 (kept 200 s); the zone then moves it to 127.0.0.4
     # and every cache below A's decision is emptied, so Prosody's own lookup connects to an address the decision
     # does not know: B is there with a certificate that matches, but the address was never validated with the TLSA
     a, b, bed = world["a"], world["b"], world["bed"]
-    out = ping(a, "moved.dane.example")
-    assert "pong from moved.dane.example" in out, out
-    close_s2s(world, "moved.dane.example")
-    bed.replace("t-moved", "A", [B_MOVED])
-    bed.resign()
-    bed.flush()
-    a.shell_result('require"net.unbound".dns.purge()')
+    move_after_a_verified_ping(world, "moved.dane.example", "t-moved")
     assert bed.query("t-moved.dane.example", "A")[2][0].split()[-1] == B_MOVED
     before = scrape(a)
     out = ping(a, "moved.dane.example")
@@ -198,14 +210,8 @@ def test_under_required_an_address_no_target_has_is_refused_once_not_retried_for
     # As above, but A requires DANE and one target has no TLSA: the refusal is tied to no target of the decision,
     # so there is no next target to move to. It must end (and the decision go) instead of reconnecting to the same
     # address again and again.
-    a, b, bed = world["a"], world["b"], world["bed"]
-    out = ping(a, "moved-req.dane.example")
-    assert "pong from moved-req.dane.example" in out, out
-    close_s2s(world, "moved-req.dane.example")
-    bed.replace("t-mr-dane", "A", [B_MOVED])
-    bed.resign()
-    bed.flush()
-    a.shell_result('require"net.unbound".dns.purge()')
+    a = world["a"]
+    move_after_a_verified_ping(world, "moved-req.dane.example", "t-mr-dane")
     before = scrape(a)
     out = ping(a, "moved-req.dane.example")
     assert "pong" not in out, out

@@ -92,10 +92,11 @@ def prefix_server(prosody_factory, prefixes, **options):  # noqa: F811
 
 def hibernate(c, srv):
     c.send("<enable xmlns='urn:xmpp:sm:3' resume='true'/>")
-    c.read_until(r"<enabled[^>]*/?>")
+    c.previd = re.search(r"<enabled[^>]*\bid=['\"]([^'\"]+)", c.read_until(r"<enabled[^>]*/?>")).group(1)
     c.sock.close()
     probe = ("(function() local s = prosody.full_sessions[" + harness.lua_string(c.jid) + "] "
-             "if s and s.hibernating and not s.conn then return 'hibernating' end return 'none' end)()")
+             "if not s then return 'gone' end if s.hibernating and not s.conn then return 'hibernating' end "
+             "return 'online' end)()")
     deadline = time.monotonic() + 15
     while srv.shell_result(probe) != "hibernating":
         assert time.monotonic() < deadline, "the session never hibernated"
@@ -269,15 +270,7 @@ def test_a_ban_closes_a_resumed_session_at_its_new_address(prosody_factory, pref
                                       "native_limits_connections": False})
     srv.register("alice", "pw")
     first = password_login(From(srv, f"{v4}.20", s4), "alice", "pw", "phone")
-    first.send("<enable xmlns='urn:xmpp:sm:3' resume='true'/>")
-    previd = re.search(r"<enabled[^>]*\bid=['\"]([^'\"]+)", first.read_until(r"<enabled[^>]*/?>")).group(1)
-    first.sock.close()
-    probe = ("(function() local s = prosody.full_sessions[" + harness.lua_string(first.jid) + "] "
-             "if not s then return 'gone' end if s.hibernating then return 'hibernating' end return 'online' end)()")
-    deadline = time.monotonic() + 15
-    while srv.shell_result(probe) != "hibernating":
-        assert time.monotonic() < deadline, "the session never hibernated"
-        time.sleep(0.1)
+    probe = hibernate(first, srv)
 
     second = From(srv, f"{v4}.21", s4)
     second.open_stream()
@@ -285,7 +278,7 @@ def test_a_ban_closes_a_resumed_session_at_its_new_address(prosody_factory, pref
     second.send(f"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>{token}</auth>")
     assert "<success" in second.read_until(r"<success[^>]*/>|<success.*?</success>|</failure>")
     second.open_stream()
-    second.send(f"<resume xmlns='urn:xmpp:sm:3' previd='{previd}' h='0'/>")
+    second.send(f"<resume xmlns='urn:xmpp:sm:3' previd='{first.previd}' h='0'/>")
     assert "<resumed" in second.read_until(r"<resumed[^>]*/>|</failed>")
     assert srv.shell_result(probe) == "online"
 
