@@ -7,8 +7,7 @@ import threading
 import time
 
 import harness
-from harness import RawXMPP
-from test_smacks_protocol import SM3, new_user, sm_client, smacks_server, wait_log
+from test_smacks_protocol import SM3, client_and_sender, smacks_server, wait_log
 
 R = re.compile(r"<r xmlns=['\"]%s['\"]/>" % SM3)
 
@@ -21,10 +20,7 @@ def unacked(server, full):
 def flood(server, n):
     """n messages to an SM client that answers every <r/> at once; returns (<r/> count, seconds until all were
     acknowledged)."""
-    user = new_user(server)
-    c = sm_client(server, user)
-    sender = RawXMPP(server.c2s_port)
-    sender.login(new_user(server, "s"), "pass")
+    user, c, sender = client_and_sender(server)
     body = "y" * 100
     t0 = time.monotonic()
 
@@ -77,10 +73,7 @@ def test_without_pacing_every_write_may_ask(prosody_factory):
 
 def test_light_traffic_is_asked_at_once(prosody_factory):
     server = smacks_server(prosody_factory, smacks_ack_request_interval=5)
-    user = new_user(server)
-    c = sm_client(server, user)
-    sender = RawXMPP(server.c2s_port)
-    sender.login(new_user(server, "s"), "pass")
+    user, c, sender = client_and_sender(server)
     for i in range(3):
         sender.send(f"<message to='{c.jid}' type='chat' id='l{i}'><body>hi</body></message>")
         c.read_until(r"<message\b.*?</message>")

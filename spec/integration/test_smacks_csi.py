@@ -14,8 +14,7 @@ import time
 import pytest
 
 import harness
-from harness import RawXMPP
-from test_smacks_protocol import SM3, drop, new_user, sm_client
+from test_smacks_protocol import SM3, client_and_sender, drop
 from test_smacks_events import RECORDER, gone, offline_count, outcomes_of, wait_events
 
 CSI = "urn:xmpp:csi:0"
@@ -110,18 +109,9 @@ def answer_r(c, h, timeout=5):
     c.send(f"<a xmlns='{SM3}' h='{h}'/>")
 
 
-def client_and_sender(server):
-    """A stream-management client of a new user, and another user's plain client to write to it."""
-    user, other = new_user(server), new_user(server, "s")
-    c = sm_client(server, user)
-    sender = RawXMPP(server.c2s_port)
-    sender.login(other, "pass")
-    return c, sender
-
-
 def test_csi_simple_holds_until_urgent_or_active(prosody_factory):
     server = csi_server(prosody_factory, ["csi_simple"])
-    c, sender = client_and_sender(server)
+    user, c, sender = client_and_sender(server)
     go_inactive(server, c)
     for i in range(3):
         msg(sender, c.jid, f"cs{i}", COMPOSING)
@@ -153,7 +143,7 @@ def test_inactive_ack_threshold(prosody_factory, impl):
     smacks_max_inactive_unacked_stanzas are unacknowledged; while active, after every one (threshold 0)."""
     server = csi_server(prosody_factory, ["csi"], impl=NATIVE if impl == "native" else CORE,
                         smacks_max_inactive_unacked_stanzas=4)
-    c, sender = client_and_sender(server)
+    user, c, sender = client_and_sender(server)
     h = 0
     msg(sender, c.jid, "active0", "<body>a</body>")
     read_stanzas(c, 1)
@@ -188,7 +178,7 @@ def test_inactive_ack_threshold(prosody_factory, impl):
 
 def test_held_stanzas_of_an_expiring_inactive_session_go_through_the_policy(prosody_factory):
     server = csi_server(prosody_factory, ["csi_simple"])
-    c, sender = client_and_sender(server)
+    user, c, sender = client_and_sender(server)
     go_inactive(server, c)
     msg(sender, c.jid, "st", COMPOSING)
     msg(sender, c.jid, "rc", RECEIPT)
@@ -200,14 +190,14 @@ def test_held_stanzas_of_an_expiring_inactive_session_go_through_the_policy(pros
     got = wait_events(server, lambda e: len(outcomes_of(e)) >= 3)
     # the chat state is ephemeral; the receipt and the marker are worth storing: offline, not lost
     assert outcomes_of(got) == ["ephemeral:message", "offline:message", "offline:message"], got
-    assert offline_count(server, c.jid.split("@")[0]) == 2
+    assert offline_count(server, user) == 2
     sender.close()
 
 
 def test_battery_saver_holds_and_loses_nothing_on_expiry(prosody_factory):
     assert os.path.exists(BATTERY_SAVER), "install Debian's prosody-modules (spec/deps.sh)"
     server = csi_server(prosody_factory, ["csi_battery_saver"])
-    c, sender = client_and_sender(server)
+    user, c, sender = client_and_sender(server)
     go_inactive(server, c)
     msg(sender, c.jid, "st0", COMPOSING)
     assert nothing_arrives(c)
@@ -231,5 +221,5 @@ def test_battery_saver_holds_and_loses_nothing_on_expiry(prosody_factory):
     assert gone(server, full, timeout=15)
     got = wait_events(server, lambda e: len(outcomes_of(e)) >= 2)
     assert outcomes_of(got) == ["ephemeral:message", "offline:message"], got
-    assert offline_count(server, c.jid.split("@")[0]) == 1
+    assert offline_count(server, user) == 1
     sender.close()

@@ -12,7 +12,7 @@ import pytest
 
 import harness
 from harness import RawXMPP
-from test_smacks_protocol import (SM3, SMACKS, attrs, drop, enable, new_user, read_messages, resume, send_chat,
+from test_smacks_protocol import (SM3, SMACKS, attrs, client_and_sender, drop, enable, new_user, read_messages, resume, send_chat,
                                   sm_client, wait_hibernating)
 
 STANZAS = "urn:ietf:params:xml:ns:xmpp-stanzas"
@@ -102,10 +102,7 @@ def gone(server, full_jid, timeout=10):
 
 def test_events_carry_the_queue_as_other_modules_read_it(prosody_factory):
     server = server_with(prosody_factory, smacks_hibernation_time=30, smacks_max_ack_delay=1)
-    user = new_user(server)
-    c = sm_client(server, user)
-    sender = RawXMPP(server.c2s_port)
-    sender.login(new_user(server, "s"), "pass")
+    user, c, sender = client_and_sender(server)
     send_chat(sender, c.jid, ["first"])
     read_messages(c, 1)
     c.read_until(rf"<r xmlns='{SM3}'/>")  # left unanswered: smacks-ack-delayed after 1 s
@@ -129,10 +126,7 @@ def test_events_carry_the_queue_as_other_modules_read_it(prosody_factory):
 
 def test_metrics_reconcile(prosody_factory):
     server = server_with(prosody_factory)
-    user = new_user(server)
-    c = sm_client(server, user)
-    sender = RawXMPP(server.c2s_port)
-    sender.login(new_user(server, "s"), "pass")
+    user, c, sender = client_and_sender(server)
     send_chat(sender, c.jid, ["a", "b", "c"])
     read_messages(c, 3)
     c.send(f"<a xmlns='{SM3}' h='1'/>")
@@ -197,10 +191,7 @@ def test_non_resumable_disconnect_runs_the_policy_at_once(prosody_factory):
 
 def test_clean_close_with_unacked_stanzas_runs_the_policy(prosody_factory):
     server = server_with(prosody_factory)
-    user = new_user(server)
-    c = sm_client(server, user)
-    sender = RawXMPP(server.c2s_port)
-    sender.login(new_user(server, "s"), "pass")
+    user, c, sender = client_and_sender(server)
     send_chat(sender, c.jid, ["seen", "unseen"])
     read_messages(c, 2)
     c.send(f"<a xmlns='{SM3}' h='1'/>")
@@ -215,10 +206,7 @@ def test_offline_storage_failures_are_retried(prosody_factory):
     server = server_with(prosody_factory)
     server.shell(">local n = 0; prosody.hosts.localhost.events.add_handler('message/offline/handle', function () "
                  "n = n + 1; if n <= 2 then error('disk full (test)') end end, 100)")
-    user = new_user(server)
-    c = sm_client(server, user)
-    sender = RawXMPP(server.c2s_port)
-    sender.login(new_user(server, "s"), "pass")
+    user, c, sender = client_and_sender(server)
     send_chat(sender, c.jid, ["precious"])
     read_messages(c, 1)
     full = c.jid
@@ -234,10 +222,7 @@ def test_offline_storage_failures_are_retried(prosody_factory):
 
 def test_bounce_only_when_neither_stored_nor_archived(prosody_factory):
     server = server_with(prosody_factory, modules_disabled=["offline", "mam"])
-    user = new_user(server)
-    c = sm_client(server, user)
-    sender = RawXMPP(server.c2s_port)
-    sender.login(new_user(server, "s"), "pass")
+    user, c, sender = client_and_sender(server)
     full = c.jid
     drop(c)
     wait_hibernating(server, user)

@@ -96,6 +96,15 @@ def sm_client(server, user, resource="phone", **kw):
     return c
 
 
+def client_and_sender(server):
+    """(user, its stream-management client, another new user's plain client to write to it)."""
+    user = new_user(server)
+    c = sm_client(server, user)
+    sender = RawXMPP(server.c2s_port)
+    sender.login(new_user(server, "s"), "pass")
+    return user, c, sender
+
+
 def send_chat(sender, to, bodies, mid_prefix="m"):
     for i, body in enumerate(bodies):
         sender.send(f"<message to='{to}' type='chat' id='{mid_prefix}{i}'><body>{body}</body></message>")
@@ -225,10 +234,7 @@ def test_r_answered_at_once_counting_only_stanzas(server):
 
 
 def test_ack_of_more_than_sent_is_a_stream_error_with_handled_count_too_high(server):
-    user = new_user(server)
-    c = sm_client(server, user)
-    sender = RawXMPP(server.c2s_port)
-    sender.login(new_user(server, "s"), "pass")
+    user, c, sender = client_and_sender(server)
     send_chat(sender, c.jid, ["one", "two"])
     read_messages(c, 2)
     c.send(f"<a xmlns='{SM3}' h='5'/>")
@@ -250,10 +256,7 @@ def test_garbage_h_on_a_is_a_stream_error(server, h):
 
 
 def test_ack_removes_exactly_the_acknowledged_stanzas(server):
-    user = new_user(server)
-    c = sm_client(server, user)
-    sender = RawXMPP(server.c2s_port)
-    sender.login(new_user(server, "s"), "pass")
+    user, c, sender = client_and_sender(server)
     send_chat(sender, c.jid, [f"b{i}" for i in range(5)])
     read_messages(c, 5)
     c.send(f"<a xmlns='{SM3}' h='3'/>")
@@ -335,10 +338,7 @@ def test_resume_with_missing_or_garbage_attributes_is_bad_request_and_leaves_the
 
 def test_resume_with_h_too_high_fails_and_keeps_the_expiry_timer(prosody_factory):
     server = smacks_server(prosody_factory)
-    user = new_user(server)
-    c = sm_client(server, user)
-    sender = RawXMPP(server.c2s_port)
-    sender.login(new_user(server, "s"), "pass")
+    user, c, sender = client_and_sender(server)
     send_chat(sender, c.jid, ["one"])
     read_messages(c, 1)
     previd = c.sm["id"]
@@ -421,10 +421,7 @@ def test_clean_close_sends_final_ack_and_ends_the_session(server):
 
 def test_h_wraps_at_2_32(prosody_factory):
     server = smacks_server(prosody_factory, smacks_debug_initial_h=4294967294)
-    user = new_user(server)
-    c = sm_client(server, user)
-    sender = RawXMPP(server.c2s_port)
-    sender.login(new_user(server, "s"), "pass")
+    user, c, sender = client_and_sender(server)
     send_chat(sender, c.jid, ["w1", "w2", "w3"])
     read_messages(c, 3)
     c.send(f"<a xmlns='{SM3}' h='4294967295'/>")  # w1
@@ -447,10 +444,7 @@ def test_h_wraps_at_2_32(prosody_factory):
 
 def test_ack_timeout_moves_a_dead_link_to_hibernation(prosody_factory):
     server = smacks_server(prosody_factory, smacks_ack_timeout=1)
-    user = new_user(server)
-    c = sm_client(server, user)
-    sender = RawXMPP(server.c2s_port)
-    sender.login(new_user(server, "s"), "pass")
+    user, c, sender = client_and_sender(server)
     send_chat(sender, c.jid, ["ping?"])
     read_messages(c, 1)
     c.read_until(rf"<r xmlns='{SM3}'/>")
