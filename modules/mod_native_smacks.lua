@@ -285,17 +285,28 @@ local function delivered_elsewhere(who, key)
 	return false;
 end
 
+-- Users with stream management on at least one session and at least two sessions: only
+-- their messages can be queued on one session and delivered to another. Kept up to date
+-- as sessions come and go, so that the check on every outgoing stanza is one lookup.
+local recorded_users = {};
+local function refresh_recording(username)
+	local user = local_sessions[username];
+	local sessions = user and user.sessions;
+	recorded_users[username] = (sm_users[username] ~= nil and sessions ~= nil and next(sessions, (next(sessions))) ~= nil) or nil;
+end
+local function refresh_recording_event(event)
+	local username = event.session.username;
+	if username then refresh_recording(username); end
+end
+module:hook("resource-bind", refresh_recording_event);
+module:hook("resource-unbind", refresh_recording_event);
+
 local function record_out(stanza, session)
-	if stanza.name == "message" and not stanza.attr.xmlns and not session.hibernating and session.host == host then
-		local username = session.username;
-		local user = username and sm_users[username] and local_sessions[username];
-		-- a user's only session: no other session can have this message queued
-		local sessions = user and user.sessions;
-		if sessions and next(sessions, (next(sessions))) ~= nil then
-			local inner = carbon_inner(stanza);
-			local key = message_key(inner or stanza);
-			if key then record_delivery(username, key, session); end
-		end
+	local username = session.username;
+	if username and recorded_users[username] and stanza.name == "message" and not stanza.attr.xmlns
+	and not session.hibernating and session.host == host then
+		local key = message_key(carbon_inner(stanza) or stanza);
+		if key then record_delivery(username, key, session); end
 	end
 	return stanza;
 end
@@ -317,6 +328,7 @@ local function sm_user_add(username, n)
 	local c = (sm_users[username] or 0) + n;
 	sm_users[username] = c > 0 and c or nil;
 	if c <= 0 then delivered[username] = nil; end
+	refresh_recording(username);
 end
 
 -- ---------------------------------------------------------------- per-client MAM use
@@ -560,14 +572,22 @@ module:hook("s2sin-destroyed", handle_s2s_destroyed);
 
 -- ---------------------------------------------------------------- outgoing stanzas
 
-local function is_stanza(stanza)
-	return st.is_stanza(stanza) and (not stanza.attr.xmlns or stanza.attr.xmlns == xmlns_client)
-		and KIND[stanza.name] ~= nil;
+local stanza_mt = st.stanza_mt;
+local getmetatable, s_byte, s_find = getmetatable, string.byte, string.find;
+
+-- The engine's kind of a client stanza (message, presence, iq), or nil for anything else.
+local function stanza_kind(stanza)
+	local kind = KIND[stanza.name];
+	if kind then
+		local xmlns = stanza.attr.xmlns;
+		if (xmlns == nil or xmlns == xmlns_client) and getmetatable(stanza) == stanza_mt then return kind; end
+	end
+	return nil;
 end
 
-local function queue_push(session, bytes, stanza)
+local function queue_push(session, bytes, kind)
 	local queue = session.outgoing_stanza_queue;
-	local h, ev_bytes, ev_kind, ev_flags, ev_stamp = queue.q:push(bytes, KIND[stanza.name]);
+	local h, ev_bytes, ev_kind, ev_flags, ev_stamp = queue.q:push(bytes, kind);
 	m_queued:add(1);
 	if ev_bytes then
 		m_evicted:add(1);
@@ -583,15 +603,21 @@ end
 
 -- Last stanzas/out filter: remembers the stanza so that the bytes/out filter of the
 -- same send() stores exactly the bytes written. While hibernating, nothing is written:
--- the stanza is serialized here and queued.
+-- the stanza is serialized here and queued. mod_bosh has no bytes/out stage, so a BOSH
+-- session's stanzas are serialized and queued here too.
 local function outgoing_stanza_filter(stanza, session)
-	session.native_smacks_pending = nil;
-	if session.resending_unacked or not session.smacks or not session.outgoing_stanza_queue then
+	local kind = stanza_kind(stanza);
+	if not kind or session.resending_unacked or not session.smacks or not session.outgoing_stanza_queue then
+		session.native_smacks_pending = nil;
 		return stanza;
 	end
-	if not is_stanza(stanza) then return stanza; end
+	if session.bosh_version and not session.hibernating then
+		queue_push(session, tostring(stanza), kind);
+		return stanza;
+	end
 	if session.hibernating then
-		queue_push(session, tostring(stanza), stanza);
+		session.native_smacks_pending = nil;
+		queue_push(session, tostring(stanza), kind);
 		module:fire_event("smacks-hibernation-stanza-queued", {
 			origin = session; queue = lazy_queue_table(session.outgoing_stanza_queue); stanza = stanza;
 		});
@@ -607,11 +633,11 @@ local function outgoing_bytes_filter(data, session)
 		session.native_smacks_pending = nil;
 		if session.outgoing_stanza_queue then
 			-- the bytes of this very stanza (a later filter could in theory have replaced it)
-			if type(data) ~= "string" or data:byte(1) ~= 60 or data:find(stanza.name, 2, true) ~= 2 then
+			if type(data) ~= "string" or s_byte(data, 1) ~= 60 or s_find(data, stanza.name, 2, true) ~= 2 then
 				data = tostring(data);
-				queue_push(session, tostring(stanza), stanza);
+				queue_push(session, tostring(stanza), KIND[stanza.name]);
 			else
-				queue_push(session, data, stanza);
+				queue_push(session, data, KIND[stanza.name]);
 			end
 		end
 	end
@@ -1032,8 +1058,9 @@ local function take_csi_pump(session, hibernating)
 	local pump = session.pump;
 	if type(pump) ~= "table" or type(pump.flush) ~= "function" or not session.outgoing_stanza_queue then return; end
 	pump:flush(function (stanza)
-		if is_stanza(stanza) and session.outgoing_stanza_queue then
-			queue_push(session, tostring(stanza), stanza);
+		local kind = stanza_kind(stanza);
+		if kind and session.outgoing_stanza_queue then
+			queue_push(session, tostring(stanza), kind);
 		end
 	end);
 	if hibernating and type(pump.resume) == "function" then pump:resume(); end
