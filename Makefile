@@ -94,6 +94,17 @@ fuzz-limiter: build-fuzz/limiter_parse_fuzz
 	@i=0; while IFS= read -r s; do i=$$((i+1)); printf '%s' "$$s" > build-fuzz/limiter-corpus/seed$$i; done < fuzz/limiter_seeds.txt
 	build-fuzz/limiter_parse_fuzz -max_total_time=$(FUZZ_SECONDS) -max_len=128 build-fuzz/limiter-corpus
 
+# The smqueue engine's recognition of stanzas in written bytes (make fuzz-smqueue).
+build-fuzz/smqueue_stanza_fuzz: fuzz/smqueue_stanza_fuzz.c csrc/smqueue.c csrc/pn_common.h
+	@mkdir -p $(@D)
+	clang $(FUZZ_FLAGS) -o $@ $< -llua5.4 -lm
+
+.PHONY: fuzz-smqueue
+fuzz-smqueue: build-fuzz/smqueue_stanza_fuzz
+	@mkdir -p build-fuzz/smqueue-corpus
+	@i=0; while IFS= read -r s; do i=$$((i+1)); printf '%s' "$$s" > build-fuzz/smqueue-corpus/seed$$i; done < fuzz/smqueue_seeds.txt
+	build-fuzz/smqueue_stanza_fuzz -max_total_time=$(FUZZ_SECONDS) -max_len=512 build-fuzz/smqueue-corpus
+
 # The dane engine's TLSA rdata/text and certificate chain parsers (make fuzz-dane).
 build-fuzz/dane_record_fuzz: fuzz/dane_record_fuzz.c csrc/dane.c csrc/pn_common.h
 	@mkdir -p $(@D)

@@ -12,7 +12,8 @@
  * back to the caller, who decides its fate (the shim runs its expiry policy):
  * nothing is lost silently, and the counters stay exact, so the stream can still
  * be resumed (the evicted stanzas count as acknowledged by the server's side).
- * The engine knows nothing about XMPP beyond the counters.
+ * The engine knows nothing about XMPP beyond the counters and, for push_stanza,
+ * which top-level elements XEP-0198 counts (message, presence, iq).
  */
 
 #include <stdint.h>
@@ -24,6 +25,11 @@
 #define SMQUEUE_MT "prosody_native.smqueue"
 #define MAX_CAPACITY 1000000
 #define MIN_RING 8
+
+/* kinds push_stanza gives the stanzas it recognises */
+#define SMQ_MESSAGE 1
+#define SMQ_PRESENCE 2
+#define SMQ_IQ 3
 
 typedef struct {
 	double stamp;        /* seconds since the epoch when queued */
@@ -149,25 +155,18 @@ static int Lsm_new(lua_State *L) {
 	return 1;
 }
 
-/* queue:push(bytes [, kind [, flags]]) -> h [, evicted_bytes, kind, flags, stamp]
- * When the queue is full the oldest item is evicted and returned after h. */
-static int Lsm_push(lua_State *L) {
-	smqueue *q = check_queue(L);
-	size_t len;
-	const char *data = luaL_checklstring(L, 2, &len);
-	lua_Integer kind = luaL_optinteger(L, 3, 0);
-	lua_Integer flags = luaL_optinteger(L, 4, 0);
+/* Queues a copy of data; returns the number of Lua results pushed: h, and the
+ * evicted oldest item's bytes, kind, flags and stamp if the queue was full. */
+static int queue_push(lua_State *L, smqueue *q, const char *data, size_t len, int kind, uint32_t flags) {
 	sm_item *it;
 	int nret = 1;
-	luaL_argcheck(L, kind >= 0 && kind <= 255, 3, "kind must be from 0 to 255");
-	luaL_argcheck(L, flags >= 0 && flags <= (lua_Integer)0xffffffffLL, 4, "flags must be from 0 to 4294967295");
 	if(q->count == q->ring_cap && q->ring_cap < q->capacity && ring_grow(q) != 0)
 		return luaL_error(L, "out of memory");
 	it = malloc(item_size(len));
 	if(!it)
 		return luaL_error(L, "out of memory");
 	it->stamp = pn_realtime();
-	it->flags = (uint32_t)flags;
+	it->flags = flags;
 	it->kind = (uint8_t)kind;
 	it->len = len;
 	memcpy(it->data, data, len);
@@ -187,6 +186,112 @@ static int Lsm_push(lua_State *L) {
 	q->bytes += len;
 	total_memory += item_size(len);
 	return nret;
+}
+
+/* queue:push(bytes [, kind [, flags]]) -> h [, evicted_bytes, kind, flags, stamp]
+ * When the queue is full the oldest item is evicted and returned after h. */
+static int Lsm_push(lua_State *L) {
+	smqueue *q = check_queue(L);
+	size_t len;
+	const char *data = luaL_checklstring(L, 2, &len);
+	lua_Integer kind = luaL_optinteger(L, 3, 0);
+	lua_Integer flags = luaL_optinteger(L, 4, 0);
+	luaL_argcheck(L, kind >= 0 && kind <= 255, 3, "kind must be from 0 to 255");
+	luaL_argcheck(L, flags >= 0 && flags <= (lua_Integer)0xffffffffLL, 4, "flags must be from 0 to 4294967295");
+	return queue_push(L, q, data, len, (int)kind, (uint32_t)flags);
+}
+
+static int is_space(char c) {
+	return c == ' ' || c == '\t' || c == '\r' || c == '\n';
+}
+
+/* Reads the attributes of a start tag, from just after its name, for an xmlns
+ * attribute: 1 (and *value, *vlen set) if there is one, 0 if there is none, -1 if
+ * the start tag is malformed or does not end within len bytes. */
+static int start_tag_xmlns(const char *p, size_t len, const char **value, size_t *vlen) {
+	size_t i = 0;
+	int found = 0;
+	for(;;) {
+		size_t name, name_len;
+		const char *end;
+		char quote;
+		while(i < len && is_space(p[i]))
+			i++;
+		if(i >= len)
+			return -1;
+		if(p[i] == '>' || p[i] == '/')
+			return found;
+		name = i;
+		while(i < len && p[i] != '=' && !is_space(p[i]) && p[i] != '>' && p[i] != '/')
+			i++;
+		name_len = i - name;
+		while(i < len && is_space(p[i]))
+			i++;
+		if(name_len == 0 || i >= len || p[i] != '=')
+			return -1;
+		i++;
+		while(i < len && is_space(p[i]))
+			i++;
+		if(i >= len || (p[i] != '\'' && p[i] != '"'))
+			return -1;
+		quote = p[i++];
+		end = memchr(p + i, quote, len - i);
+		if(!end)
+			return -1;
+		if(name_len == 5 && memcmp(p + name, "xmlns", 5) == 0) {
+			*value = p + i;
+			*vlen = (size_t)(end - (p + i));
+			found = 1;
+		}
+		i = (size_t)(end - p) + 1;
+	}
+}
+
+/* The stanza kind XEP-0198 counts that `data` starts with (SMQ_MESSAGE, SMQ_PRESENCE,
+ * SMQ_IQ), or 0: other elements, text, a start tag cut short. A start tag naming a
+ * namespace counts only if it is `ns` (the stream's own, written out). */
+static int smq_stanza_kind(const char *data, size_t len, const char *ns, size_t nslen) {
+	static const struct { const char *name; size_t len; int kind; } names[] = {
+		{ "message", 7, SMQ_MESSAGE }, { "presence", 8, SMQ_PRESENCE }, { "iq", 2, SMQ_IQ },
+	};
+	size_t i;
+	if(len < 4 || data[0] != '<')
+		return 0;
+	for(i = 0; i < sizeof names / sizeof names[0]; i++) {
+		size_t n = names[i].len;
+		const char *value = NULL;
+		size_t vlen = 0;
+		int has_ns;
+		if(len < n + 2 || memcmp(data + 1, names[i].name, n) != 0)
+			continue;
+		if(!is_space(data[n + 1]) && data[n + 1] != '>' && data[n + 1] != '/')
+			return 0;
+		has_ns = start_tag_xmlns(data + n + 1, len - n - 1, &value, &vlen);
+		if(has_ns < 0)
+			return 0;
+		if(has_ns && !(ns && vlen == nslen && memcmp(value, ns, nslen) == 0))
+			return 0;
+		return names[i].kind;
+	}
+	return 0;
+}
+
+/* queue:push_stanza(bytes [, xmlns]) -> h [, evicted...] | nothing
+ * Queues bytes written on the stream if they start with a message, presence or iq
+ * (in no namespace or in xmlns), with that kind; anything else, including a value
+ * that is not a string, is left alone and nothing is returned. */
+static int Lsm_push_stanza(lua_State *L) {
+	smqueue *q = check_queue(L);
+	size_t len, nslen = 0;
+	const char *data, *ns = luaL_optlstring(L, 3, NULL, &nslen);
+	int kind;
+	if(lua_type(L, 2) != LUA_TSTRING)
+		return 0;
+	data = lua_tolstring(L, 2, &len);
+	kind = smq_stanza_kind(data, len, ns, nslen);
+	if(!kind)
+		return 0;
+	return queue_push(L, q, data, len, kind, 0);
 }
 
 /* queue:ack(h) -> number acknowledged | nil, err, "head"|"tail"
@@ -398,6 +503,7 @@ static const luaL_Reg smqueue_meta[] = {
 
 static const luaL_Reg smqueue_methods[] = {
 	{ "push", Lsm_push },
+	{ "push_stanza", Lsm_push_stanza },
 	{ "ack", Lsm_ack },
 	{ "unacked", Lsm_unacked },
 	{ "acked", Lsm_acked },
@@ -429,5 +535,11 @@ int luaopen_prosody_native_smqueue(lua_State *L) {
 	luaL_newlib(L, smqueue_functions);
 	lua_pushinteger(L, PN_ABI);
 	lua_setfield(L, -2, "_ABI");
+	lua_pushinteger(L, SMQ_MESSAGE);
+	lua_setfield(L, -2, "MESSAGE");
+	lua_pushinteger(L, SMQ_PRESENCE);
+	lua_setfield(L, -2, "PRESENCE");
+	lua_pushinteger(L, SMQ_IQ);
+	lua_setfield(L, -2, "IQ");
 	return 1;
 }

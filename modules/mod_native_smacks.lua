@@ -108,7 +108,7 @@ local mam_clients_kv = module:open_store("smacks_mam_clients");
 local hibernating_count = 0;
 local hibernation_seq = 0;
 
-local KIND = { message = 1, presence = 2, iq = 3 };
+local KIND = { message = engine.MESSAGE, presence = engine.PRESENCE, iq = engine.IQ };
 
 local function format_h(h) return h and ("%d"):format(h) or nil; end
 
@@ -285,14 +285,29 @@ local function delivered_elsewhere(who, key)
 	return false;
 end
 
+local function record_out(stanza, session)
+	if stanza.name == "message" and not stanza.attr.xmlns and not session.hibernating then
+		local key = message_key(carbon_inner(stanza) or stanza);
+		if key then record_delivery(session.username, key, session); end
+	end
+	return stanza;
+end
+
 -- Users with stream management on at least one session and at least two sessions: only
--- their messages can be queued on one session and delivered to another. Kept up to date
--- as sessions come and go, so that the check on every outgoing stanza is one lookup.
+-- their messages can be queued on one session and delivered to another, so only their
+-- sessions carry the filter that records deliveries. Kept up to date as sessions come
+-- and go (and a resumed session gets its filters anew).
 local recorded_users = {};
 local function refresh_recording(username)
 	local user = local_sessions[username];
 	local sessions = user and user.sessions;
-	recorded_users[username] = (sm_users[username] ~= nil and sessions ~= nil and next(sessions, (next(sessions))) ~= nil) or nil;
+	local on = sm_users[username] ~= nil and sessions ~= nil and next(sessions, (next(sessions))) ~= nil;
+	if on then
+		for _, session in pairs(sessions) do filters.add_filter(session, "stanzas/out", record_out, -990); end
+	elseif recorded_users[username] and sessions then
+		for _, session in pairs(sessions) do filters.remove_filter(session, "stanzas/out", record_out); end
+	end
+	recorded_users[username] = on or nil;
 end
 local function refresh_recording_event(event)
 	local username = event.session.username;
@@ -301,26 +316,12 @@ end
 module:hook("resource-bind", refresh_recording_event);
 module:hook("resource-unbind", refresh_recording_event);
 
-local function record_out(stanza, session)
-	local username = session.username;
-	if username and recorded_users[username] and stanza.name == "message" and not stanza.attr.xmlns
-	and not session.hibernating and session.host == host then
-		local key = message_key(carbon_inner(stanza) or stanza);
-		if key then record_delivery(username, key, session); end
-	end
-	return stanza;
-end
-
-local function filter_hook(session) -- new sessions have no host yet: record_out checks it
-	filters.add_filter(session, "stanzas/out", record_out, -990);
-end
-filters.add_filter_hook(filter_hook);
 function module.unload()
-	filters.remove_filter_hook(filter_hook);
-end
-for _, user in pairs(local_sessions) do
-	for _, session in pairs(user.sessions) do
-		filters.add_filter(session, "stanzas/out", record_out, -990);
+	for username in pairs(recorded_users) do
+		local user = local_sessions[username];
+		for _, session in pairs(user and user.sessions or {}) do
+			filters.remove_filter(session, "stanzas/out", record_out);
+		end
 	end
 end
 
@@ -573,7 +574,7 @@ module:hook("s2sin-destroyed", handle_s2s_destroyed);
 -- ---------------------------------------------------------------- outgoing stanzas
 
 local stanza_mt = st.stanza_mt;
-local getmetatable, s_byte, s_find = getmetatable, string.byte, string.find;
+local getmetatable = getmetatable;
 
 -- The engine's kind of a client stanza (message, presence, iq), or nil for anything else.
 local function stanza_kind(stanza)
@@ -585,63 +586,55 @@ local function stanza_kind(stanza)
 	return nil;
 end
 
-local function queue_push(session, bytes, kind)
-	local queue = session.outgoing_stanza_queue;
-	local h, ev_bytes, ev_kind, ev_flags, ev_stamp = queue.q:push(bytes, kind);
-	m_queued:add(1);
-	if ev_bytes then
-		m_evicted:add(1);
-		session.log("warn", "Stream management queue full (%d), handing the oldest unacked stanza to the expiry policy", queue_size);
-		if session.username then
-			policy_runner:run({ who = snapshot(session); items = { { ev_bytes, ev_kind, ev_flags, ev_stamp } }; reason = "overflow" });
-		else
-			s2s_dispose(session, ev_bytes, ev_kind, ev_stamp, "overflow");
-		end
+-- A push evicted the oldest unacknowledged stanza (the queue was full).
+local function evicted(session, ev_bytes, ev_kind, ev_flags, ev_stamp)
+	m_evicted:add(1);
+	session.log("warn", "Stream management queue full (%d), handing the oldest unacked stanza to the expiry policy", queue_size);
+	if session.username then
+		policy_runner:run({ who = snapshot(session); items = { { ev_bytes, ev_kind, ev_flags, ev_stamp } }; reason = "overflow" });
+	else
+		s2s_dispose(session, ev_bytes, ev_kind, ev_stamp, "overflow");
 	end
+end
+
+local function queue_push(session, bytes, kind)
+	local h, ev_bytes, ev_kind, ev_flags, ev_stamp = session.outgoing_stanza_queue.q:push(bytes, kind);
+	m_queued:add(1);
+	if ev_bytes then evicted(session, ev_bytes, ev_kind, ev_flags, ev_stamp); end
 	return h;
 end
 
--- Last stanzas/out filter: remembers the stanza so that the bytes/out filter of the
--- same send() stores exactly the bytes written. While hibernating, nothing is written:
--- the stanza is serialized here and queued. mod_bosh has no bytes/out stage, so a BOSH
--- session's stanzas are serialized and queued here too.
-local function outgoing_stanza_filter(stanza, session)
+-- What goes on the wire is queued as written: the first bytes/out filter sees each
+-- stanza's serialization, and the engine recognises the stanzas XEP-0198 counts, so a
+-- stanza is serialized once and no stanzas/out filter runs on a live TCP or WebSocket
+-- stream.
+local function outgoing_bytes_filter(data, session)
+	local queue = session.outgoing_stanza_queue;
+	if queue and not session.resending_unacked then
+		local h, ev_bytes, ev_kind, ev_flags, ev_stamp = queue.q:push_stanza(data, xmlns_client);
+		if h then
+			m_queued:add(1);
+			if ev_bytes then evicted(session, ev_bytes, ev_kind, ev_flags, ev_stamp); end
+		end
+	end
+	return data;
+end
+
+-- The last stanzas/out filter of sessions whose bytes are not seen: a hibernating
+-- session writes nothing (it gets this filter when it starts hibernating), and mod_bosh
+-- has no bytes/out stage. Their stanzas are serialized and queued here.
+local function unwritten_stanza_filter(stanza, session)
+	if session.resending_unacked or not session.outgoing_stanza_queue then return stanza; end
 	local kind = stanza_kind(stanza);
-	if not kind or session.resending_unacked or not session.smacks or not session.outgoing_stanza_queue then
-		session.native_smacks_pending = nil;
-		return stanza;
-	end
-	if session.bosh_version and not session.hibernating then
-		queue_push(session, tostring(stanza), kind);
-		return stanza;
-	end
+	if not kind then return stanza; end
+	queue_push(session, tostring(stanza), kind);
 	if session.hibernating then
-		session.native_smacks_pending = nil;
-		queue_push(session, tostring(stanza), kind);
 		module:fire_event("smacks-hibernation-stanza-queued", {
 			origin = session; queue = lazy_queue_table(session.outgoing_stanza_queue); stanza = stanza;
 		});
 		return nil;
 	end
-	session.native_smacks_pending = stanza;
 	return stanza;
-end
-
-local function outgoing_bytes_filter(data, session)
-	local stanza = session.native_smacks_pending;
-	if stanza then
-		session.native_smacks_pending = nil;
-		if session.outgoing_stanza_queue then
-			-- the bytes of this very stanza (a later filter could in theory have replaced it)
-			if type(data) ~= "string" or s_byte(data, 1) ~= 60 or s_find(data, stanza.name, 2, true) ~= 2 then
-				data = tostring(data);
-				queue_push(session, tostring(stanza), KIND[stanza.name]);
-			else
-				queue_push(session, data, KIND[stanza.name]);
-			end
-		end
-	end
-	return data;
 end
 
 local function count_incoming(stanza, session)
@@ -657,7 +650,9 @@ local function wrap_session_out(session, resume)
 		session.outgoing_stanza_queue = new_queue(session);
 		if session.username then sm_user_add(session.username, 1); end
 	end
-	filters.add_filter(session, "stanzas/out", outgoing_stanza_filter, -999);
+	if session.bosh_version or session.hibernating then
+		filters.add_filter(session, "stanzas/out", unwritten_stanza_filter, -999);
+	end
 	filters.add_filter(session, "bytes/out", outgoing_bytes_filter, 1000);
 end
 
@@ -1084,6 +1079,7 @@ module:hook("pre-resource-unbind", function (event)
 	if session.hibernating then return true; end
 
 	session.hibernating = os.time();
+	filters.add_filter(session, "stanzas/out", unwritten_stanza_filter, -999);
 	take_csi_pump(session, true);
 	hibernation_seq = hibernation_seq + 1;
 	session.native_smacks_hibernated = hibernation_seq; -- orders sessions within the same second
@@ -1188,6 +1184,7 @@ local function handle_resume(session, stanza, xmlns_sm)
 	session.log = original.log;
 	session.type = original.type;
 	wrap_session(original, true);
+	if original.username then refresh_recording(original.username); end
 	original.stream:set_session(original);
 	c2s_sessions[session.conn] = original;
 

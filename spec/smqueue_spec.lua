@@ -117,6 +117,50 @@ describe("prosody_native.smqueue", function ()
 		end);
 	end);
 
+	describe("push_stanza", function ()
+		local NS = "jabber:client";
+		it("queues a message, presence or iq with its kind, and returns h", function ()
+			local q = smqueue.new(8);
+			assert.equal(1, q:push_stanza("<message to='a@b' type='chat'><body>x</body></message>", NS));
+			assert.equal(2, q:push_stanza("<presence/>", NS));
+			assert.equal(3, q:push_stanza("<iq type='get' id='1'><ping xmlns='urn:xmpp:ping'/></iq>", NS));
+			assert.equal(4, q:push_stanza("<message\n>x</message>"));
+			local kinds = {};
+			for _, bytes, kind in q:items() do kinds[#kinds+1] = kind; assert.equal("string", type(bytes)); end
+			assert.same({ smqueue.MESSAGE, smqueue.PRESENCE, smqueue.IQ, smqueue.MESSAGE }, kinds);
+			assert.same({ 1, 2, 3 }, { smqueue.MESSAGE, smqueue.PRESENCE, smqueue.IQ });
+		end);
+		it("leaves alone what XEP-0198 does not count, and values that are not strings", function ()
+			local q = smqueue.new(8);
+			for _, data in ipairs({ "<r xmlns='urn:xmpp:sm:3'/>", "<a xmlns='urn:xmpp:sm:3' h='1'/>", " ",
+				"<?xml version='1.0'?><stream:stream>", "</stream:stream>", "<stream:features/>", "<iqx/>",
+				"<messages/>", "message", "<message", "<presence to='a", "<iq a='1' b>", "<iq a=1/>", "",
+				"<message xmlns='urn:other'/>", "<presence xmlns=\"jabber:server\"/>" }) do
+				assert.is_nil(q:push_stanza(data, NS), data);
+			end
+			assert.is_nil(q:push_stanza({}, NS));
+			assert.is_nil(q:push_stanza(nil));
+			assert.equal(0, q:sent());
+			assert.equal(0, q:count());
+		end);
+		it("counts a stanza in the expected namespace written out, and only that one", function ()
+			local q = smqueue.new(8);
+			assert.equal(1, q:push_stanza("<message xmlns='jabber:client' to='a@b'/>", NS));
+			assert.equal(2, q:push_stanza("<presence  a = 'x>y' xmlns = \"jabber:client\" />", NS));
+			assert.equal(3, q:push_stanza("<iq xmlns:foo='bar' type='result'/>", NS));
+			assert.is_nil(q:push_stanza("<message xmlns='jabber:client'/>"));
+			assert.is_nil(q:push_stanza("<message xmlns='jabber:clientX'/>", NS));
+		end);
+		it("evicts into the caller's hands when full, like push", function ()
+			local q = smqueue.new(1);
+			q:push_stanza("<message id='1'/>");
+			local h, bytes, kind = q:push_stanza("<iq id='2'/>");
+			assert.equal(2, h);
+			assert.equal("<message id='1'/>", bytes);
+			assert.equal(smqueue.MESSAGE, kind);
+		end);
+	end);
+
 	describe("wrap-around at 2^32", function ()
 		it("numbers stanzas 2^32-2, 2^32-1, 0, 1 and acks across the wrap", function ()
 			local q = smqueue.new(10, H_MAX - 2);
