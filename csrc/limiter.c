@@ -7,10 +7,13 @@
  * is 120). Two tables, both allocated once at creation and never grown:
  *
  *  - the rate table: GCRA state (theoretical arrival time) per (rule, prefix),
- *    32 bytes per entry in 4-way sets chosen by a keyed multiply-mix hash. A miss takes
- *    an empty way, else an idle one (bucket full again: nothing to remember), else
- *    the stalest, longest prefix first -- so per-address state fails open under a
- *    flood while the prefix and global entries, touched on every check, stay.
+ *    32 bytes per entry in 4-way sets. A key may live in either of two sets, both
+ *    chosen by one keyed multiply-mix hash; a new key goes to the emptier one, so
+ *    keys rarely compete for a set before the table is well filled (with one set,
+ *    a table a third full already evicted live state). A miss takes an empty way,
+ *    else an idle one (bucket full again: nothing to remember), else the stalest,
+ *    longest prefix first -- so per-address state fails open under a flood while
+ *    the prefix and global entries, touched on every check, stay.
  *  - the offender table: strikes, ban level and ban expiry per prefix, 8-way sets.
  *    Active bans are never evicted; otherwise the least offending, then the least
  *    recent entry goes.
@@ -394,52 +397,73 @@ static int64_t now_us(limiter *l) {
 	return (clock_ns() - l->base_ns) / 1000 + l->skew;
 }
 
-static size_t rate_set(limiter *l, uint64_t hi, uint64_t lo, int plen, int rule) {
-	return (size_t)keyed_hash(l->seed0, l->seed1, hi, lo, (uint64_t)plen | (uint64_t)rule << 8) & (l->rate_sets - 1);
+/* The two sets a key may live in (they may be the same set). */
+static void rate_sets_of(limiter *l, uint64_t hi, uint64_t lo, int plen, int rule, rate_entry *sets[2]) {
+	uint64_t h = keyed_hash(l->seed0, l->seed1, hi, lo, (uint64_t)plen | (uint64_t)rule << 8);
+	sets[0] = l->rate + (size_t)(h & (l->rate_sets - 1)) * RATE_WAYS;
+	sets[1] = l->rate + (size_t)((h >> 32) & (l->rate_sets - 1)) * RATE_WAYS;
 }
 
 static size_t off_set(limiter *l, uint64_t hi, uint64_t lo, int plen) {
 	return (size_t)keyed_hash(l->seed1, l->seed0, hi, lo, (uint64_t)plen | (uint64_t)0xff << 8) & (l->off_sets - 1);
 }
 
-static rate_entry *rate_find(limiter *l, uint64_t hi, uint64_t lo, int plen, int rule) {
-	rate_entry *set = l->rate + rate_set(l, hi, lo, plen, rule) * RATE_WAYS;
-	int i;
-	for(i = 0; i < RATE_WAYS; i++) {
-		rate_entry *e = &set[i];
-		if(e->used && e->hi == hi && e->lo == lo && e->plen == plen && e->rule == rule)
-			return e;
+/* The key's entry or NULL; `sets` (if not NULL) gets the key's two sets for rate_insert. */
+static rate_entry *rate_find(limiter *l, uint64_t hi, uint64_t lo, int plen, int rule, rate_entry *sets_out[2]) {
+	rate_entry *own[2], **sets = sets_out ? sets_out : own;
+	int s, i;
+	rate_sets_of(l, hi, lo, plen, rule, sets);
+	for(s = 0; s < 2; s++) {
+		for(i = 0; i < RATE_WAYS; i++) {
+			rate_entry *e = &sets[s][i];
+			if(e->used && e->hi == hi && e->lo == lo && e->plen == plen && e->rule == rule)
+				return e;
+		}
 	}
 	return NULL;
 }
 
-/* Takes a way for a new key: empty, else idle, else the stalest (longest prefix on
- * a tie); never one of `avoid` (entries the current check still holds). */
-static rate_entry *rate_insert(limiter *l, uint64_t hi, uint64_t lo, int plen, int rule, int64_t now,
-		rate_entry *const *avoid, int navoid) {
-	rate_entry *set = l->rate + rate_set(l, hi, lo, plen, rule) * RATE_WAYS;
+static int rate_set_free(const rate_entry *set) {
+	int i, n = 0;
+	for(i = 0; i < RATE_WAYS; i++)
+		n += !set[i].used;
+	return n;
+}
+
+/* Takes a way in `sets` (the key's two, from rate_find) for a new key: empty (in
+ * the emptier set), else idle, else the stalest (longest prefix on a tie); never
+ * one of `avoid` (entries the current check still holds). */
+static rate_entry *rate_insert(limiter *l, rate_entry *sets[2], uint64_t hi, uint64_t lo, int plen, int rule,
+		int64_t now, rate_entry *const *avoid, int navoid) {
 	rate_entry *victim = NULL;
-	int i, j, idle = 0;
-	for(i = 0; i < RATE_WAYS; i++) {
-		rate_entry *e = &set[i];
-		int held = 0;
-		for(j = 0; j < navoid; j++)
-			held |= avoid[j] == e;
-		if(held)
-			continue;
-		if(!e->used) {
-			victim = e;
-			idle = -1;
-			break;
-		}
-		if(e->tat <= now) {
-			if(!idle || e->last < victim->last) {
+	int s, i, j, idle = 0;
+	if(rate_set_free(sets[1]) > rate_set_free(sets[0])) {
+		rate_entry *t = sets[0];
+		sets[0] = sets[1];
+		sets[1] = t;
+	}
+	for(s = 0; s < 2 && idle != -1; s++) {
+		for(i = 0; i < RATE_WAYS; i++) {
+			rate_entry *e = &sets[s][i];
+			int held = 0;
+			for(j = 0; j < navoid; j++)
+				held |= avoid[j] == e;
+			if(held)
+				continue;
+			if(!e->used) {
 				victim = e;
-				idle = 1;
+				idle = -1;
+				break;
 			}
-		} else if(!idle && (!victim || e->last < victim->last
-				|| (e->last == victim->last && e->plen > victim->plen))) {
-			victim = e;
+			if(e->tat <= now) {
+				if(!idle || e->last < victim->last) {
+					victim = e;
+					idle = 1;
+				}
+			} else if(!idle && (!victim || e->last < victim->last
+					|| (e->last == victim->last && e->plen > victim->plen))) {
+				victim = e;
+			}
 		}
 	}
 	if(!victim)
@@ -550,15 +574,17 @@ static void mark_plen(limiter *l, int plen) {
 	l->ban_plens[plen / 64] |= (uint64_t)1 << (plen % 64);
 }
 
-/* rate_find, first trying the entry a handle remembered (and remembering the answer). */
-static rate_entry *rate_find_hinted(limiter *l, uint64_t hi, uint64_t lo, int plen, int rule, uint32_t *hint) {
+/* rate_find, first trying the entry a handle remembered (and remembering the answer).
+ * `sets` is filled only when the remembered entry is not the key's. */
+static rate_entry *rate_find_hinted(limiter *l, uint64_t hi, uint64_t lo, int plen, int rule, uint32_t *hint,
+		rate_entry *sets[2]) {
 	rate_entry *e;
 	if(hint && *hint) {
 		e = &l->rate[*hint - 1];
 		if(e->used && e->hi == hi && e->lo == lo && e->plen == plen && e->rule == rule)
 			return e;
 	}
-	e = rate_find(l, hi, lo, plen, rule);
+	e = rate_find(l, hi, lo, plen, rule, sets);
 	if(hint)
 		*hint = e ? (uint32_t)(e - l->rate) + 1 : 0;
 	return e;
@@ -574,6 +600,7 @@ static int check_words(limiter *l, int rule, uint64_t hi, uint64_t lo, int fam, 
 		uint32_t *hints, int64_t *wait_out, int *level_out) {
 	const rule_def *r = &l->rules[rule - 1];
 	rate_entry *held[MAX_LEVELS];
+	rate_entry *sets[MAX_LEVELS][2]; /* a missing key's two sets, from the lookup to the insert */
 	int64_t newtat[MAX_LEVELS];
 	int64_t now = now_us(l), worst = 0;
 	int i, lvl = -1;
@@ -588,7 +615,7 @@ static int check_words(limiter *l, int rule, uint64_t hi, uint64_t lo, int fam, 
 			continue;
 		}
 		mask_words(&h, &w, d->plen);
-		held[i] = rate_find_hinted(l, h, w, d->plen, rule, hints ? &hints[i] : NULL);
+		held[i] = rate_find_hinted(l, h, w, d->plen, rule, hints ? &hints[i] : NULL, sets[i]);
 		tat = held[i] && held[i]->tat > now ? held[i]->tat : now;
 		newtat[i] = tat + (cost == 1 ? d->interval : (int64_t)(cost * (double)d->interval));
 		excess = newtat[i] - now - d->capacity;
@@ -610,7 +637,7 @@ static int check_words(limiter *l, int rule, uint64_t hi, uint64_t lo, int fam, 
 		if(!held[i]) {
 			uint64_t h = hi, w = lo;
 			mask_words(&h, &w, d->plen);
-			held[i] = rate_insert(l, h, w, d->plen, rule, now, held, r->nlevels);
+			held[i] = rate_insert(l, sets[i], h, w, d->plen, rule, now, held, r->nlevels);
 			if(!held[i])
 				continue;
 			if(hints)
@@ -1285,7 +1312,7 @@ static int Lshow(lua_State *L) {
 			if((d->family && d->family != fam) || d->plen > plen)
 				continue;
 			mask_words(&h, &w, d->plen);
-			e = rate_find(l, h, w, d->plen, r + 1);
+			e = rate_find(l, h, w, d->plen, r + 1, NULL);
 			used = e && e->tat > now ? (double)(e->tat - now) / (double)d->interval : 0;
 			lua_createtable(L, 0, 5);
 			lua_pushstring(L, l->rules[r].name);

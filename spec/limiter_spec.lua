@@ -525,6 +525,24 @@ describe("prosody_native.limiter", function ()
 			assert.equal(10000 - 64, s.evictions_busy);
 		end);
 
+		it("keeps the state of every address while the table is less than half full", function ()
+			-- 30,000 busy addresses in 65,536 entries: with one candidate set per key, about one
+			-- in sixty lost its state to a neighbour in its set; with two, none should
+			local lim = manual({ capacity = 65536 });
+			local r = lim:rule("x", { { family = "ipv6", bits = 128, rate = 1 / 3600, burst = 2 } });
+			local pack = string.pack;
+			for pass = 1, 2 do
+				for i = 1, 30000 do
+					assert.is_true((lim:check(r, pack(">I4I4I4I4", 0x20010db8, i % 7, 0, i))), pass .. ":" .. i);
+				end
+			end
+			local s = lim:stats();
+			assert.equal(30000, s.tracked);
+			assert.equal(0, s.evictions_busy + s.evictions_idle);
+			-- each address has spent its burst of 2: the state was kept
+			assert.is_false((lim:check(r, pack(">I4I4I4I4", 0x20010db8, 12345 % 7, 0, 12345))));
+		end);
+
 		it("evicts idle entries before busy ones", function ()
 			local lim = manual({ capacity = 64 });
 			local r = lim:rule("x", { { family = "ipv6", bits = 128, rate = 1, burst = 1 } });
