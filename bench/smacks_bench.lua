@@ -6,8 +6,8 @@
 -- What is timed, per outgoing stanza on a stream-management session (the part that differs between the modules;
 -- both serialise the stanza once for the wire, which is not counted):
 --   prosody  mod_smacks' stanzas/out filter: st.clone(stanza) + <delay/> + util.smqueue push
---   native   mod_native_smacks' stanzas/out + bytes/out filters: checks, remember the stanza, push the bytes the
---            send path produced (with the stanza's kind) into prosody_native.smqueue
+--   native   mod_native_smacks' bytes/out filter: push_stanza the bytes the send path produced into
+--            prosody_native.smqueue, which recognises the stanza's kind
 -- plus the acknowledgement (ack every 1, 10, 100 stanzas), with counters started near 2^32 for the native queue.
 -- Each case asserts the queue's counts and order inside the loop, so a fast but wrong queue cannot win.
 -- Memory: bytes per queued small chat message at depth 500 x SESSIONS hibernated sessions (default 1000; env
@@ -81,27 +81,13 @@ local function prosody_filter(stanza, queue)
 	return stanza;
 end
 
--- mod_native_smacks outgoing_stanza_filter + outgoing_bytes_filter (same statements as the module)
-local KIND = { message = 1, presence = 2, iq = 3 };
-local function native_stanza_filter(stanza, s)
-	s.native_smacks_pending = nil;
-	if s.resending_unacked or not s.smacks or not s.outgoing_stanza_queue then return stanza; end
-	if not (st.is_stanza(stanza) and (not stanza.attr.xmlns or stanza.attr.xmlns == "jabber:client")
-		and KIND[stanza.name] ~= nil) then
-		return stanza;
-	end
-	s.native_smacks_pending = stanza;
-	return stanza;
-end
+-- mod_native_smacks outgoing_bytes_filter (same statements as the module; the overflow branch never runs here)
 local function native_bytes_filter(data, s)
-	local stanza = s.native_smacks_pending;
-	if stanza then
-		s.native_smacks_pending = nil;
-		if s.outgoing_stanza_queue then
-			if type(data) ~= "string" or data:byte(1) ~= 60 or data:sub(2, #stanza.name + 1) ~= stanza.name then
-				error("bench: mismatched bytes");
-			end
-			s.outgoing_stanza_queue.q:push(data, KIND[stanza.name]);
+	local queue = s.outgoing_stanza_queue;
+	if queue and not s.resending_unacked then
+		local h, ev_bytes = queue.q:push_stanza(data, "jabber:client");
+		if h then
+			if ev_bytes then error("bench: the queue overflowed"); end
 		end
 	end
 	return data;
@@ -133,7 +119,6 @@ local function run_native(n, ack_every)
 	local t0 = os.clock();
 	for i = 1, n do
 		local k = (i & 255) + 1;
-		native_stanza_filter(stanzas[k], s);
 		native_bytes_filter(bytes[k], s);
 		if i % ack_every == 0 then
 			assert(q:ack((H0 + i) % 4294967296));
@@ -155,18 +140,18 @@ for _, every in ipairs({ 1, 10, 100 }) do
 		tn[r] = run_native(N, every);
 	end
 	report(("per stanza, ack every %d: prosody clone+delay+push+ack"):format(every), median(tp), "ns");
-	report(("per stanza, ack every %d: native filters+push+ack"):format(every), median(tn), "ns");
+	report(("per stanza, ack every %d: native filter+push+ack"):format(every), median(tn), "ns");
 	report(("ratio per stanza, ack every %d (prosody / native)"):format(every), median(tp) / median(tn), "x");
 end
 
 -- Order and replay check (the thing a resume depends on), outside the timed loops.
 do
 	local q = native.new(DEPTH, H0);
-	for i = 1, DEPTH do q:push(bytes[(i & 255) + 1], 1); end
+	for i = 1, DEPTH do q:push_stanza(bytes[(i & 255) + 1]); end
 	local n = 0;
-	for i, b in q:items() do
+	for i, b, kind in q:items() do
 		n = n + 1;
-		assert(b == bytes[(i & 255) + 1], "order");
+		assert(b == bytes[(i & 255) + 1] and kind == native.MESSAGE, "order");
 	end
 	assert(n == DEPTH);
 	q:close();
