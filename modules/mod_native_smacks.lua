@@ -653,7 +653,8 @@ local function wrap_session_out(session, resume)
 	if session.bosh_version or session.hibernating then
 		filters.add_filter(session, "stanzas/out", unwritten_stanza_filter, -999);
 	end
-	filters.add_filter(session, "bytes/out", outgoing_bytes_filter, 1000);
+	-- first of the bytes/out filters, so that what is queued is the serialization itself
+	filters.add_filter(session, "bytes/out", outgoing_bytes_filter, 1e9);
 end
 
 -- Count what comes in (for <a h/>).
