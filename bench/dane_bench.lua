@@ -1,6 +1,6 @@
 -- prosody-native DANE benchmark: what verification costs per s2s handshake.
 --
---   LUA_CPATH="build/?.so;;" lua5.4 bench/dane_bench.lua [--quick] [--iterations N] [--handshakes N]
+--   sh bench/lua_bench.sh dane [--quick] [--iterations N] [--handshakes N]
 --
 -- Three measurements over a generated PKI (EC P-256 root -> issuer -> leaf, made with the openssl CLI):
 --   engine     prosody_native.dane verify() on the chain as mod_native_dane gets it from LuaSec (PEM strings,

@@ -1,8 +1,8 @@
 -- prosody-native: limiter benchmark, side by side with the Lua anchor community modules use
 -- (util.cache of util.throttle per address, as mod_register_limits and Jitsi's mod_rate_limit do).
---   sh bench/limits_bench.sh [--quick]      (PN_BENCH_STRICT=1 turns the issue's targets into assertions)
+--   sh bench/lua_bench.sh limits [--quick]      (PN_BENCH_STRICT=1 turns the issue's targets into assertions)
 -- Needs LUA_PATH with Prosody's source (util.cache, util.throttle, util.time) and LUA_CPATH with
--- this checkout's build directory; `sh bench/limits_bench.sh` sets both.
+-- this checkout's build directory; `sh bench/lua_bench.sh limits` sets both.
 -- Reports ns per check (CPU time, os.clock) for hot keys (512 addresses), a realistic working set
 -- (20,000 active addresses checked in random order), cold keys (a new address per check, table
 -- full), a flood of one million distinct IPv6 addresses from one /48, and memory.

@@ -1,7 +1,7 @@
 -- prosody-native: stream management queue benchmark, side by side with Prosody 0.12's mod_smacks path.
---   lua5.4 bench/smacks_bench.lua [--quick]
+--   sh bench/lua_bench.sh smacks [--quick]
 -- Needs LUA_PATH with Prosody's source (util.stanza, util.smqueue, util.datetime, util.jid) and LUA_CPATH with
--- this checkout's build directory; `sh bench/smacks_bench.sh` sets both.
+-- this checkout's build directory; `sh bench/lua_bench.sh smacks` sets both.
 --
 -- What is timed, per outgoing stanza on a stream-management session (the part that differs between the modules;
 -- both serialise the stanza once for the wire, which is not counted):
