@@ -73,10 +73,24 @@ clean:
 # Coverage-guided fuzzing of the parsers of untrusted bytes (libFuzzer, clang).
 FUZZ_SECONDS ?= 60
 FUZZ_FLAGS = -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined $(WARNFLAGS) -Wno-missing-prototypes -D_GNU_SOURCE $(LUA_CFLAGS)
-build-fuzz/archive_decode_fuzz: fuzz/archive_decode_fuzz.c csrc/archive.c csrc/pn_common.h
+# Each target is fuzz/<name>.c, which includes the source of the engine it fuzzes.
+build-fuzz/%_fuzz: fuzz/%_fuzz.c csrc/pn_common.h
 	@mkdir -p $(@D)
-	clang $(FUZZ_FLAGS) -o $@ $< -llua5.4 -lsqlite3 -lpthread -lm
+	clang $(FUZZ_FLAGS) -o $@ $< -llua5.4 $(FUZZ_LIBS_$*) -lm
+build-fuzz/archive_decode_fuzz: csrc/archive.c
+FUZZ_LIBS_archive_decode = -lsqlite3 -lpthread
+build-fuzz/limiter_parse_fuzz: csrc/limiter.c
+build-fuzz/smqueue_stanza_fuzz: csrc/smqueue.c
+build-fuzz/dane_record_fuzz: csrc/dane.c
+FUZZ_LIBS_dane_record = -lssl -lcrypto
 
+# $(call fuzz_corpus,SEEDS,DIR): one seed file in DIR per line of SEEDS
+define fuzz_corpus
+@mkdir -p $(2)
+@i=0; while IFS= read -r s; do i=$$((i+1)); printf '%s' "$$s" > $(2)/seed$$i; done < $(1)
+endef
+
+# The archive engine's value decoder (make fuzz).
 .PHONY: fuzz
 fuzz: all build-fuzz/archive_decode_fuzz
 	@mkdir -p build-fuzz/corpus
@@ -84,36 +98,21 @@ fuzz: all build-fuzz/archive_decode_fuzz
 	build-fuzz/archive_decode_fuzz -max_total_time=$(FUZZ_SECONDS) -max_len=4096 build-fuzz/corpus
 
 # The limiter's address, prefix and rate parsers (make fuzz-limiter).
-build-fuzz/limiter_parse_fuzz: fuzz/limiter_parse_fuzz.c csrc/limiter.c csrc/pn_common.h
-	@mkdir -p $(@D)
-	clang $(FUZZ_FLAGS) -o $@ $< -llua5.4 -lm
-
 .PHONY: fuzz-limiter
 fuzz-limiter: build-fuzz/limiter_parse_fuzz
-	@mkdir -p build-fuzz/limiter-corpus
-	@i=0; while IFS= read -r s; do i=$$((i+1)); printf '%s' "$$s" > build-fuzz/limiter-corpus/seed$$i; done < fuzz/limiter_seeds.txt
+	$(call fuzz_corpus,fuzz/limiter_seeds.txt,build-fuzz/limiter-corpus)
 	build-fuzz/limiter_parse_fuzz -max_total_time=$(FUZZ_SECONDS) -max_len=128 build-fuzz/limiter-corpus
 
 # The smqueue engine's recognition of stanzas in written bytes (make fuzz-smqueue).
-build-fuzz/smqueue_stanza_fuzz: fuzz/smqueue_stanza_fuzz.c csrc/smqueue.c csrc/pn_common.h
-	@mkdir -p $(@D)
-	clang $(FUZZ_FLAGS) -o $@ $< -llua5.4 -lm
-
 .PHONY: fuzz-smqueue
 fuzz-smqueue: build-fuzz/smqueue_stanza_fuzz
-	@mkdir -p build-fuzz/smqueue-corpus
-	@i=0; while IFS= read -r s; do i=$$((i+1)); printf '%s' "$$s" > build-fuzz/smqueue-corpus/seed$$i; done < fuzz/smqueue_seeds.txt
+	$(call fuzz_corpus,fuzz/smqueue_seeds.txt,build-fuzz/smqueue-corpus)
 	build-fuzz/smqueue_stanza_fuzz -max_total_time=$(FUZZ_SECONDS) -max_len=512 build-fuzz/smqueue-corpus
 
 # The dane engine's TLSA rdata/text and certificate chain parsers (make fuzz-dane).
-build-fuzz/dane_record_fuzz: fuzz/dane_record_fuzz.c csrc/dane.c csrc/pn_common.h
-	@mkdir -p $(@D)
-	clang $(FUZZ_FLAGS) -o $@ $< -llua5.4 -lssl -lcrypto -lm
-
 .PHONY: fuzz-dane
 fuzz-dane: build-fuzz/dane_record_fuzz
-	@mkdir -p build-fuzz/dane-corpus
-	@i=0; while IFS= read -r s; do i=$$((i+1)); printf '%s' "$$s" > build-fuzz/dane-corpus/seed$$i; done < fuzz/dane_seeds.txt
+	$(call fuzz_corpus,fuzz/dane_seeds.txt,build-fuzz/dane-corpus)
 	@printf '\003\001\001' > build-fuzz/dane-corpus/rdata-short
 	@openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout /dev/null -subj /CN=seed -days 1 \
 	  -outform DER -out build-fuzz/dane-corpus/cert.der 2>/dev/null
