@@ -131,35 +131,52 @@ SEND_PATH = (
 )
 
 
-def one_run(mode, n, warm):
-    srv = harness.ProsodyServer(name=f"bench-{mode}", **(MODES[mode] if mode in MODES else EXTRA_MODES[mode]))
+def bench_server(name, config):
+    srv = harness.ProsodyServer(name=name, **config)
     # Prosody logs every stanza at debug level; a benchmark measures the server, not its debug log
     srv.global_options["log"] = {"info": str(srv.log_path)}
     srv.write_config()
+    return srv
+
+
+def start_receiver(srv, user, sm, expect):
+    """user logged in (with stream management if sm), its Receiver thread reading from the answer to a sync ping on;
+    returns (full JID, receiver)."""
+    rc = RawXMPP(srv.c2s_port)
+    jid = rc.login(user, "pass", "bench")
+    if sm:
+        rc.send(f"<enable xmlns='{SM3}' resume='true'/>")
+        rc.read_until(r"<enabled\b[^>]*/>")
+    # from here on the receiver thread reads (and counts, and acks) everything
+    recv = Receiver(rc, expect)
+    recv.start()
+    rc.send("<presence/><iq type='get' id='sync'><ping xmlns='urn:xmpp:ping'/></iq>")
+    if not recv.synced.wait(10):
+        raise RuntimeError("no answer to the sync ping")
+    return jid, recv
+
+
+def flood_batch(jid):
+    """200 chat messages with <no-store/> to jid, as bytes."""
+    body = "x" * 120
+    return "".join(f"<message to='{jid}' type='chat' id='b{i}'><body>{body}</body>"
+                   f"<no-store xmlns='urn:xmpp:hints'/></message>" for i in range(200)).encode()
+
+
+def one_run(mode, n, warm):
+    srv = bench_server(f"bench-{mode}", MODES[mode] if mode in MODES else EXTRA_MODES[mode])
     try:
         srv.register("recv", "pass")
         srv.register("send", "pass")
         srv.start()
-        rc = RawXMPP(srv.c2s_port)
-        jid = rc.login("recv", "pass", "bench")
-        if not mode.startswith("off"):
-            rc.send(f"<enable xmlns='{SM3}' resume='true'/>")
-            rc.read_until(r"<enabled\b[^>]*/>")
-        # from here on the receiver thread reads (and counts, and acks) everything
-        recv = Receiver(rc, n + warm)
-        recv.start()
-        rc.send("<presence/><iq type='get' id='sync'><ping xmlns='urn:xmpp:ping'/></iq>")
-        if not recv.synced.wait(10):
-            raise RuntimeError("no answer to the sync ping")
+        jid, recv = start_receiver(srv, "recv", not mode.startswith("off"), n + warm)
         sc = RawXMPP(srv.c2s_port)
         sc.login("send", "pass", "flood")
-        body = "x" * 120
-        batch = "".join(f"<message to='{jid}' type='chat' id='b{i}'><body>{body}</body>"
-                        f"<no-store xmlns='urn:xmpp:hints'/></message>" for i in range(200))
-        # a first flood, not measured: what a fresh server still has to do (collecting the garbage of
-        # its start, first use of each code path) is not charged to one mode more than another
+        batch = flood_batch(jid)
+        # a first flood, not measured: what a freshly started server still has to do is not charged
+        # to one mode more than another
         for _ in range(warm // 200):
-            sc.sock.sendall(batch.encode())
+            sc.sock.sendall(batch)
         deadline = time.monotonic() + 120
         while recv.messages < warm:
             if time.monotonic() > deadline:
@@ -168,7 +185,7 @@ def one_run(mode, n, warm):
         time.sleep(0.3)
         cpu0, t0 = cpu_seconds(srv.pid), time.monotonic()
         for _ in range(n // 200):
-            sc.sock.sendall(batch.encode())
+            sc.sock.sendall(batch)
         if not recv.done.wait(300):
             raise RuntimeError(f"{mode}: only {recv.messages} of {n + warm} messages arrived")
         cpu, wall = cpu_seconds(srv.pid) - cpu0, time.monotonic() - t0
@@ -187,7 +204,7 @@ def one_run(mode, n, warm):
             raise RuntimeError("stream management off, yet the server asked for acks")
         send_us = float(srv.shell_result(SEND_PATH % harness.lua_string(jid)))
         sc.close()
-        rc.sock.close()
+        recv.c.sock.close()
         return cpu * 1e6 / n, wall, recv.acks_sent, send_us
     finally:
         srv.cleanup()
@@ -198,41 +215,24 @@ def same_process(mode, block=2000, rounds=15):
     (2 x rounds blocks, alternating which goes first). The CPU of each block, until the server is idle again, is
     charged to its receiver, so the process, its heap and the machine's state are the same on both sides; what a
     module costs the whole process whatever the stream (its heap, its hooks) is left out, which the runs on
-    separate servers include. Returns (µs with SM, µs without, paired
-    overhead in %, acks)."""
-    srv = harness.ProsodyServer(name=f"bench-same-{mode}", **MODES[mode])
-    srv.global_options["log"] = {"info": str(srv.log_path)}
-    srv.write_config()
+    separate servers include. Returns (µs with SM, µs without, paired overhead in %, acks)."""
+    srv = bench_server(f"bench-same-{mode}", MODES[mode])
     try:
         for user in ("recva", "recvb", "send"):
             srv.register(user, "pass")
         srv.start()
-        receivers = {}
-        for user, sm in (("recva", True), ("recvb", False)):
-            rc = RawXMPP(srv.c2s_port)
-            jid = rc.login(user, "pass", "bench")
-            if sm:
-                rc.send(f"<enable xmlns='{SM3}' resume='true'/>")
-                rc.read_until(r"<enabled\b[^>]*/>")
-            recv = Receiver(rc, 2**62)
-            recv.start()
-            rc.send("<presence/><iq type='get' id='sync'><ping xmlns='urn:xmpp:ping'/></iq>")
-            if not recv.synced.wait(10):
-                raise RuntimeError("no answer to the sync ping")
-            receivers[user] = (jid, recv)
+        receivers = {user: start_receiver(srv, user, sm, 2**62) for user, sm in (("recva", True), ("recvb", False))}
+        batches = {user: flood_batch(jid) for user, (jid, _) in receivers.items()}
         sc = RawXMPP(srv.c2s_port)
         sc.login("send", "pass", "flood")
-        body = "x" * 120
         cpu = {"recva": [], "recvb": []}
         for rnd in range(rounds):
             for user in (("recva", "recvb") if rnd % 2 == 0 else ("recvb", "recva")):
-                jid, recv = receivers[user]
-                batch = "".join(f"<message to='{jid}' type='chat' id='b{i}'><body>{body}</body>"
-                                f"<no-store xmlns='urn:xmpp:hints'/></message>" for i in range(200)).encode()
+                recv = receivers[user][1]
                 target = recv.messages + block
                 cpu0 = cpu_seconds(srv.pid)
                 for _ in range(block // 200):
-                    sc.sock.sendall(batch)
+                    sc.sock.sendall(batches[user])
                 deadline = time.monotonic() + 60
                 while recv.messages < target:
                     if time.monotonic() > deadline:
