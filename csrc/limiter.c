@@ -376,6 +376,7 @@ typedef struct {
 	limiter *l;
 	uint64_t hi, lo;
 	int rule, fam;
+	int64_t max_wait;          /* µs, when a call passes none */
 	uint32_t hint[MAX_LEVELS]; /* rate-table index + 1 of each level's entry; 0: unknown */
 } handle;
 
@@ -996,37 +997,46 @@ static int Lchecker(lua_State *L) {
 	return 1;
 }
 
-/* handle(cost?, max_wait?) -> allowed, wait_seconds */
+/* handle(cost?, max_wait?) -> allowed, wait_seconds
+ * The shim calls it with no arguments once per stanza: that call reads no Lua
+ * value at all, since two optional-number reads were a fifth of its cost. */
 static int Lhandle_call(lua_State *L) {
 	handle *h = lua_touserdata(L, lua_upvalueindex(1));
 	limiter *l = h->l;
-	double cost = luaL_optnumber(L, 1, 1);
-	double max_wait = luaL_optnumber(L, 2, 0);
-	int64_t wait;
+	double cost = 1;
+	int64_t wait, max_wait = h->max_wait;
 	int ok, lvl;
 	if(!l->rate)
 		return luaL_error(L, "attempt to use a closed limiter");
-	luaL_argcheck(L, cost >= 0 && cost <= 1e6, 1, "cost must be from 0 to 1000000");
+	if(lua_gettop(L) > 0) {
+		cost = luaL_optnumber(L, 1, 1);
+		luaL_argcheck(L, cost >= 0 && cost <= 1e6, 1, "cost must be from 0 to 1000000");
+		if(!lua_isnoneornil(L, 2))
+			max_wait = (int64_t)(luaL_checknumber(L, 2) * US);
+	}
 	if(h->rule > l->nrules)
 		return luaL_error(L, "unknown rule");
-	ok = check_words(l, h->rule, h->hi, h->lo, h->fam, cost, (int64_t)(max_wait * US), h->hint, &wait, &lvl);
+	ok = check_words(l, h->rule, h->hi, h->lo, h->fam, cost, max_wait, h->hint, &wait, &lvl);
 	lua_pushboolean(L, ok);
 	lua_pushnumber(L, (double)wait / US);
 	return 2;
 }
 
-/* lim:handle(rule, key16) -> function(cost?, max_wait?) -> allowed, wait_seconds
+/* lim:handle(rule, key16, max_wait?) -> function(cost?, max_wait?) -> allowed, wait_seconds
  * lim:check(rule, key16, ...) for one session's address, made once per session:
- * repeat checks skip parsing and, while its entries stay, hashing. */
+ * repeat checks skip parsing and, while its entries stay, hashing. A call without
+ * max_wait accepts the handle's (0 unless given here). */
 static int Lhandle(lua_State *L) {
 	limiter *l = check_open(L, 1);
 	int rule = check_rule(L, l, 2);
 	const unsigned char *key = check_key(L, 3);
+	int64_t max_wait = lua_isnoneornil(L, 4) ? 0 : seconds_arg(L, 4, "max_wait", 0, 86400);
 	handle *h = lua_newuserdatauv(L, sizeof *h, 1);
 	memset(h, 0, sizeof *h);
 	h->l = l;
 	h->rule = rule;
 	h->fam = key_is_v4(key) ? 4 : 6;
+	h->max_wait = max_wait;
 	key_words(key, &h->hi, &h->lo);
 	lua_pushvalue(L, 1); /* the handle keeps its limiter alive */
 	lua_setiuservalue(L, -2, 1);

@@ -717,10 +717,12 @@ if not is_component then
 		end
 		local r = rule_for(s, "stanzas");
 		if ok and r then
-			if s.stanza_rule ~= r or s.stanza_lim ~= lim then -- bound once per session (and rule, and table)
-				s.stanza_rule, s.stanza_lim, s.stanza_check = r, lim, lim:handle(r, s.key);
+			-- bound once per session (and rule, table and max_delay, which a reload may change)
+			if s.stanza_rule ~= r or s.stanza_lim ~= lim or s.stanza_max_delay ~= config.max_delay then
+				s.stanza_rule, s.stanza_lim, s.stanza_max_delay = r, lim, config.max_delay;
+				s.stanza_check = lim:handle(r, s.key, config.max_delay);
 			end
-			local ok2, wait2 = s.stanza_check(1, config.max_delay);
+			local ok2, wait2 = s.stanza_check();
 			if not ok2 or wait2 > wait then ok, wait, rule = ok2, wait2, "stanzas"; end
 		end
 		if ok then

@@ -321,6 +321,21 @@ describe("prosody_native.limiter", function ()
 			assert.has_error(function () h(); end, "attempt to use a closed limiter");
 		end);
 
+		it("accepts the wait bound at creation when a call passes none", function ()
+			local lim = manual();
+			local r = lim:rule("x", { { family = "ipv4", rate = 1, burst = 1 } });
+			local k = addr("192.0.2.7");
+			local h = lim:handle(r, k, 1.5);
+			assert.same({ true, 0 }, { h() });
+			assert.same({ true, 1 }, { h() }); -- one second's wait is within the bound
+			assert.same({ false, 2 }, { h() }); -- two are not: refused, nothing charged
+			assert.same({ false, 2 }, { h(1, 0) }); -- a call's own max_wait wins
+			assert.same({ true, 2 }, { h(1, 2) });
+			assert.same({ false, 3 }, { h(1) }); -- cost alone: the bound still applies
+			assert.error_matches(function () lim:handle(r, k, -1); end, "max_wait must be from 0");
+			assert.has_error(function () lim:handle(r, k, "soon"); end);
+		end);
+
 		it("keeps its limiter alive", function ()
 			local h;
 			do

@@ -4,7 +4,7 @@ config reload's new rate reaches sessions already open, and a module reload (new
 Raw TCP clients at non-loopback addresses of a loopback-routed /24 (the fixture of test_limits_prefixes, needs root).
 """
 
-from test_limits_helpers import decisions, limits_server
+from test_limits_helpers import advance, decisions, limits_server
 from test_limits_prefixes import From, prefixes  # noqa: F401  (prefixes is a fixture)
 
 
@@ -48,3 +48,25 @@ def test_sessions_of_one_address_share_its_stanza_budget(prosody_factory, prefix
     assert decisions(srv, "stanzas", "refuse") >= 4
     for c in (a, b, other):
         c.close()
+
+
+def test_a_reloaded_max_delay_reaches_open_sessions(prosody_factory, prefixes):  # noqa: F811
+    """Each session's handle is bound to native_limits_max_delay; a config reload must rebind it."""
+    p = prefixes
+    v4, s4 = p["v4"], p["server4"]
+    srv = limits_server(prosody_factory, exempt_loopback=True, global_options={"interfaces": ["127.0.0.1", s4]},
+                        host_options={"native_limits_stanzas": {"address": "1/min burst 2"},
+                                      "native_limits_session_stanzas": False, "native_limits_max_delay": 0,
+                                      "native_limits_stanza_close_after": 100, "native_limits_connections": False})
+    c = From(srv, f"{v4}.60", s4)
+    assert c.login()[0] == "ok"
+    assert [ping(c, 1), ping(c, 2), ping(c, 3)] == ["ok", "ok", "refused"]  # no wait accepted
+    cfg = srv.config_path.read_text()
+    new = cfg.replace("native_limits_max_delay = 0", "native_limits_max_delay = 5")
+    assert new != cfg
+    srv.config_path.write_text(new)
+    srv.shell("config:reload()")
+    advance(srv, 58)  # the next token is 2 s away: within the new max_delay, not the old one
+    assert ping(c, 4) == "ok"
+    assert decisions(srv, "stanzas", "delay") == 1 and decisions(srv, "stanzas", "refuse") == 1
+    c.close()
