@@ -6,13 +6,12 @@ nothing else is configured. Minutes pass in simulated time (advance()), never on
 
 import asyncio
 import re
-import urllib.request
 
 import slixmpp
 
 import xmpp
-from test_limits_helpers import (ANON_HOST, MUC_HOST, Anon, WebSocketXMPP, advance, all_decisions, decisions,
-                                 limits_server, metrics)
+from test_limits_helpers import (ANON_HOST, BOSH_NS, MUC_HOST, Anon, WebSocketXMPP, advance, all_decisions, bosh,
+                                 bosh_session_request, decisions, limits_server, metrics)
 
 ROOM = f"support@{MUC_HOST}"
 
@@ -128,20 +127,8 @@ def test_websocket_uses_the_forwarded_address_and_never_limits_the_proxy(prosody
     assert exempt.get("proxy", 0) >= 4, exempt
 
 
-BOSH_NS = "http://jabber.org/protocol/httpbind"
-
-
-def bosh(srv, body, xff=None):
-    headers = {"Host": ANON_HOST, "Content-Type": "text/xml; charset=utf-8"}
-    if xff:
-        headers["X-Forwarded-For"] = xff
-    req = urllib.request.Request(f"http://127.0.0.1:{srv.http_port}/http-bind", data=body.encode(), headers=headers)
-    return urllib.request.urlopen(req, timeout=15).read().decode()
-
-
 def bosh_anon_login(srv, xff):
-    text = bosh(srv, f"<body rid='1000' to='{ANON_HOST}' xml:lang='en' wait='5' hold='1' ver='1.6' "
-                     f"xmpp:version='1.0' xmlns:xmpp='urn:xmpp:xbosh' xmlns='{BOSH_NS}'/>", xff)
+    text = bosh(srv, bosh_session_request(1000, wait=5), xff)
     sid = re.search(r"sid=['\"]([^'\"]+)", text)
     if not sid:
         return "refused", text

@@ -6,18 +6,15 @@ through 127.0.0.1 acting as a trusted reverse proxy with X-Forwarded-For. The lo
 
 import base64
 import re
-import threading
 import time
-import urllib.request
 
 import harness
 import pytest
 
-from test_limits_helpers import (ANON_HOST, MUC_HOST, Anon, WebSocketXMPP, all_decisions, expect_stream_error,
-                                 limits_server, metrics)
+from test_limits_helpers import (ANON_HOST, MUC_HOST, Anon, Bosh, all_decisions, expect_stream_error,
+                                 limits_server, metrics, ws_login_bind)
 from test_limits_prefixes import From, prefixes  # noqa: F401  (prefixes is a fixture)
 
-BOSH_NS = "http://jabber.org/protocol/httpbind"
 NS_MUC = "http://jabber.org/protocol/muc"
 OFF = {"address": False, "ipv6/64": False, "ipv6/48": False, "ipv4/24": False, "global": False}
 
@@ -30,58 +27,6 @@ def ban_closed(srv, host=ANON_HOST):
         if name == "prosody_mod_native_limits__ban_closed_sessions_total" and d.get("host") == host and v:
             out[(d["transport"], d["mode"])] = v
     return out
-
-
-def bosh(srv, body, xff, timeout=15):
-    headers = {"Host": ANON_HOST, "Content-Type": "text/xml; charset=utf-8", "X-Forwarded-For": xff}
-    req = urllib.request.Request(f"http://127.0.0.1:{srv.http_port}/http-bind", data=body.encode(), headers=headers)
-    return urllib.request.urlopen(req, timeout=timeout).read().decode()
-
-
-class Bosh:
-    """A BOSH client behind the proxy, logged in anonymously and bound."""
-
-    def __init__(self, srv, xff):
-        self.srv, self.xff, self.rid = srv, xff, 5000
-        text = self.req(f"<body rid='{self.rid}' to='{ANON_HOST}' xml:lang='en' wait='20' hold='1' ver='1.6' "
-                        f"xmpp:version='1.0' xmlns:xmpp='urn:xmpp:xbosh' xmlns='{BOSH_NS}'/>")
-        self.sid = re.search(r"sid=['\"]([^'\"]+)", text).group(1)
-        text = self.body("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='ANONYMOUS'/>")
-        assert "<success" in text, text
-        text = self.req(f"<body rid='{self.next_rid()}' sid='{self.sid}' xmpp:restart='true' "
-                        f"xmlns:xmpp='urn:xmpp:xbosh' xmlns='{BOSH_NS}'/>")
-        text = self.body("<iq xmlns='jabber:client' type='set' id='b1'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'/></iq>")
-        assert "<jid>" in text, text
-
-    def next_rid(self):
-        self.rid += 1
-        return self.rid
-
-    def req(self, body):
-        return bosh(self.srv, body, self.xff, timeout=30)
-
-    def body(self, inner):
-        return self.req(f"<body rid='{self.next_rid()}' sid='{self.sid}' xmlns='{BOSH_NS}'>{inner}</body>")
-
-    def hold(self):
-        """An empty long-poll request in a thread; .result gets its answer."""
-        self.result = None
-
-        def run():
-            self.result = self.req(f"<body rid='{self.next_rid()}' sid='{self.sid}' xmlns='{BOSH_NS}'/>")
-        t = threading.Thread(target=run, daemon=True)
-        t.start()
-        return t
-
-
-def ws_login_bind(srv, xff):
-    ws = WebSocketXMPP(srv, xff=xff)
-    assert ws.anon_login()[0] == "success"
-    ws.send(f"<open xmlns='urn:ietf:params:xml:ns:xmpp-framing' to='{ANON_HOST}' version='1.0'/>")
-    ws.recv_until(r"</stream:features>|</features>")
-    ws.send("<iq xmlns='jabber:client' type='set' id='w1'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'/></iq>")
-    assert "<jid>" in ws.recv_until(r"<jid>.*?</iq>")
-    return ws
 
 
 def prefix_server(prosody_factory, prefixes, **options):  # noqa: F811

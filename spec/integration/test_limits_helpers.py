@@ -11,6 +11,7 @@ import os
 import re
 import socket
 import struct
+import threading
 import time
 import urllib.request
 
@@ -232,3 +233,75 @@ class WebSocketXMPP:
             self.sock.close()
         except OSError:
             pass
+
+
+def ws_login_bind(srv, xff):
+    """A WebSocket client behind the proxy, logged in anonymously and bound."""
+    ws = WebSocketXMPP(srv, xff=xff)
+    assert ws.anon_login()[0] == "success"
+    ws.send(f"<open xmlns='urn:ietf:params:xml:ns:xmpp-framing' to='{ANON_HOST}' version='1.0'/>")
+    ws.recv_until(r"</stream:features>|</features>")
+    ws.send("<iq xmlns='jabber:client' type='set' id='w1'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'/></iq>")
+    assert "<jid>" in ws.recv_until(r"<jid>.*?</iq>")
+    return ws
+
+
+# -- BOSH (XEP-0124/0206), through 127.0.0.1 acting as the trusted proxy ------------------------------------------
+
+BOSH_NS = "http://jabber.org/protocol/httpbind"
+
+
+def bosh(srv, body, xff=None, timeout=15):
+    """One BOSH request; -> the response body."""
+    headers = {"Host": ANON_HOST, "Content-Type": "text/xml; charset=utf-8"}
+    if xff:
+        headers["X-Forwarded-For"] = xff
+    req = urllib.request.Request(f"http://127.0.0.1:{srv.http_port}/http-bind", data=body.encode(), headers=headers)
+    return urllib.request.urlopen(req, timeout=timeout).read().decode()
+
+
+def bosh_session_request(rid, wait=20):
+    return (f"<body rid='{rid}' to='{ANON_HOST}' xml:lang='en' wait='{wait}' hold='1' ver='1.6' "
+            f"xmpp:version='1.0' xmlns:xmpp='urn:xmpp:xbosh' xmlns='{BOSH_NS}'/>")
+
+
+class Bosh:
+    """A BOSH client behind the proxy, logged in anonymously and bound."""
+
+    def __init__(self, srv, xff):
+        self.srv, self.xff, self.rid = srv, xff, 5000
+        text = self.req(bosh_session_request(self.rid))
+        self.sid = re.search(r"sid=['\"]([^'\"]+)", text).group(1)
+        text = self.body("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='ANONYMOUS'/>")
+        assert "<success" in text, text
+        text = self.req(f"<body rid='{self.next_rid()}' sid='{self.sid}' xmpp:restart='true' "
+                        f"xmlns:xmpp='urn:xmpp:xbosh' xmlns='{BOSH_NS}'/>")
+        text = self.body("<iq xmlns='jabber:client' type='set' id='b1'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'/></iq>")
+        assert "<jid>" in text, text
+
+    def next_rid(self):
+        self.rid += 1
+        return self.rid
+
+    def req(self, body):
+        return bosh(self.srv, body, self.xff, timeout=30)
+
+    def body(self, inner=""):
+        return self.req(f"<body rid='{self.next_rid()}' sid='{self.sid}' xmlns='{BOSH_NS}'>{inner}</body>")
+
+    def body_until(self, inner, pattern):
+        """Sends `inner`, then polls until the responses so far match `pattern` or the session ends."""
+        text = self.body(inner)
+        while not re.search(pattern, text, re.S) and "type='terminate'" not in text:
+            text += self.body()
+        return text
+
+    def hold(self):
+        """An empty long-poll request in a thread; .result gets its answer."""
+        self.result = None
+
+        def run():
+            self.result = self.req(f"<body rid='{self.next_rid()}' sid='{self.sid}' xmlns='{BOSH_NS}'/>")
+        t = threading.Thread(target=run, daemon=True)
+        t.start()
+        return t
