@@ -23,7 +23,7 @@ STREAM_ERROR = r"</stream:error>"
 
 
 def limits_server(factory, *, host_options=None, muc_options=None, global_options=None, modules=(), muc=False,
-                  exempt_loopback=False, modules_disabled=()):
+                  exempt_loopback=False, modules_disabled=(), extra_config=""):
     """Start a Prosody whose localhost is anonymous with mod_native_limits (and its MUC component too if muc)."""
     g = {"statistics": "internal", "statistics_interval": "manual"}
     g.update(global_options or {})
@@ -34,7 +34,7 @@ def limits_server(factory, *, host_options=None, muc_options=None, global_option
     m.update(muc_options or {})
     srv = factory(global_options=g, host_options=h, muc_options=m, modules=["http_openmetrics", *modules],
                   host_modules=["native_limits"], muc_modules=["native_limits"] if muc else (),
-                  modules_disabled=list(modules_disabled))
+                  modules_disabled=list(modules_disabled), extra_config=extra_config)
     # the harness waits for the c2s port; the HTTP port (metrics, WebSocket, BOSH) may open a moment later
     deadline = time.monotonic() + 15
     while True:
