@@ -253,12 +253,20 @@ local lim = assert(engine.new({ capacity = config.capacity; offenders = config.o
 	ban_max = config.ban.ban_max; ban_forgive = config.ban.ban_forgive }));
 local rule_ids, rule_levels = {}, {};
 
+-- Each bucket's { rate, burst } table: a config reload makes new ones, so a bucket whose table is
+-- not the current one takes the new limits (its state kept) the next time it is used.
+local bucket_rate = setmetatable({}, { __mode = "k" });
+
 -- The token bucket t[key] for `r` ({ rate, burst }), made on first use.
 local function bucket_in(t, key, r)
 	local b = t[key];
 	if not b then
 		b = lim:bucket(r.rate, r.burst);
 		t[key] = b;
+		bucket_rate[b] = r;
+	elseif bucket_rate[b] ~= r then
+		b:set(r.rate, r.burst);
+		bucket_rate[b] = r;
 	end
 	return b;
 end
@@ -799,11 +807,10 @@ if is_component then
 		return bucket_in(room_buckets, room, r):take();
 	end
 
+	-- (new limits reach the buckets through bucket_in; turned off, they are forgotten)
 	module:hook_global("config-reloaded", function ()
-		local r = config.muc_room_joins;
-		for room, b in pairs(room_buckets) do
-			if r then b:set(r.rate, r.burst); else room_buckets[room] = nil; end
-		end
+		if config.muc_room_joins then return; end
+		for room in pairs(room_buckets) do room_buckets[room] = nil; end
 	end, -1); -- after the options are re-read (priority 0)
 
 	module:hook("muc-occupant-pre-join", function (event)

@@ -303,6 +303,42 @@ def test_bans_survive_a_module_reload_and_config_reload_applies_new_limits(proso
     assert "Limits reloaded" in srv.log_text()
 
 
+def test_config_reload_reaches_the_budgets_of_open_sessions(prosody_factory):
+    srv = limits_server(prosody_factory, host_options={
+        "native_limits_session_stanzas": "1/10min burst 10",
+        "native_limits_session_iqs": "1/10min burst 10",
+        "native_limits_stanzas": False,
+        "native_limits_max_delay": 0,
+        "native_limits_stanza_close_after": 100,
+    })
+    c = Anon(srv)
+    assert c.login()[0] == "ok"
+
+    def ping(n):
+        c.send(f"<iq type='get' id='r{n}' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>")
+        text = c.read_until(r"<iq[^>]*id=['\"]r%d['\"][^>]*(?:/>|>.*?</iq>)" % n)
+        return "ok" if "type='result'" in text else "refused" if "<policy-violation" in text else text
+
+    assert [ping(1), ping(2)] == ["ok", "ok"]
+    for option, smaller in (("native_limits_session_stanzas", "1/10min burst 3"),
+                            ("native_limits_session_iqs", "1/10min burst 5")):
+        cfg = srv.config_path.read_text()
+        new = re.sub(r'(%s = )"1/10min burst 10"' % option, r'\1"%s"' % smaller, cfg)
+        assert new != cfg
+        srv.config_path.write_text(new)
+        srv.shell("config:reload()")
+        # the session's bucket takes the new rate and burst and keeps what it spent (two of the session's, four
+        # of its iq budget by the second round): one more, then refused
+        assert [ping(3), ping(4)] == ["ok", "refused"], option
+        # back to 10: the session may send again
+        srv.config_path.write_text(cfg)
+        srv.shell("config:reload()")
+        assert ping(5) == "ok", option
+    assert decisions(srv, "session_stanzas", "refuse") == 1
+    assert decisions(srv, "session_iq", "refuse") == 1
+    c.close()
+
+
 def test_unsolicited_messages_staff_and_joined_rooms(prosody_factory):
     srv = limits_server(prosody_factory, host_options={
         "native_limits_unsolicited": "1/10min burst 2",
