@@ -284,6 +284,8 @@ local function define_rules()
 					burst = math.max(1, math.floor(l.burst * config.strict_factor)) };
 			end
 			rule_ids[name .. "/strict"] = lim:rule(name .. "/strict", strict);
+		else
+			rule_ids[name .. "/strict"] = nil;
 		end
 	end
 	for name in pairs(rule_ids) do
@@ -372,6 +374,17 @@ local function transport_of(session)
 	return "tcp";
 end
 
+-- Why an address on a transport is never limited, or nil.
+local function exemption(key, transport)
+	if in_list(config.exempt, key) then return "exempt"; end
+	if transport ~= "tcp" and in_list(proxies, key) then return "proxy"; end
+	if config.exempt_loopback and in_list(loopback, key) then return "loopback"; end
+end
+
+local function is_strict(key)
+	return #config.strict > 0 and in_list(config.strict, key);
+end
+
 -- The session's limiter key, computed once; false when the session is never limited.
 local function session_state(session)
 	local s = session[FIELD];
@@ -387,25 +400,18 @@ local function session_state(session)
 		return nil;
 	end
 	local transport = transport_of(session);
-	local reason;
-	if in_list(config.exempt, key) then
-		reason = "exempt";
-	elseif transport ~= "tcp" and in_list(proxies, key) then
-		reason = "proxy";
-		if os.time() - proxy_warned_at > 300 then
-			proxy_warned_at = os.time();
-			module:log("warn", "A %s session comes from %s, a trusted proxy: the proxy sends no X-Forwarded-For, so every "
-				.. "client looks alike. Such sessions are not limited by address; fix the proxy configuration.", transport, session.ip);
-		end
-	elseif config.exempt_loopback and in_list(loopback, key) then
-		reason = "loopback";
+	local reason = exemption(key, transport);
+	if reason == "proxy" and os.time() - proxy_warned_at > 300 then
+		proxy_warned_at = os.time();
+		module:log("warn", "A %s session comes from %s, a trusted proxy: the proxy sends no X-Forwarded-For, so every "
+			.. "client looks alike. Such sessions are not limited by address; fix the proxy configuration.", transport, session.ip);
 	end
 	if reason then
 		m_exempt:with_labels(reason):add(1);
 		session[FIELD] = false;
 		return nil;
 	end
-	s = { key = key; ip = session.ip; transport = transport; refused = 0; strict = #config.strict > 0 and in_list(config.strict, key) };
+	s = { key = key; ip = session.ip; transport = transport; refused = 0; strict = is_strict(key) };
 	session[FIELD] = s;
 	if not is_component then track(session, s); end
 	return s;
@@ -923,6 +929,32 @@ end
 
 -- ---------------------------------------------------------------- hot reload, state across reloads
 
+-- Open sessions follow changed lists: the strict networks (a session's rule is looked up per
+-- check) and the exemptions, both ways. Unauthenticated sessions becoming limited are left alone:
+-- only bound ones can be found, and the others are short-lived.
+local function reclassify_open_sessions()
+	for session, s in pairs(tracked) do
+		if exemption(s.key, s.transport) then
+			session[FIELD] = false;
+			untrack(session);
+			for _, sets in pairs(concurrency) do
+				for _, set in pairs(sets) do set[session] = nil; end
+			end
+		else
+			s.strict = is_strict(s.key);
+		end
+	end
+	for _, session in pairs(prosody.full_sessions) do
+		if session[FIELD] == false then
+			local key = session.ip and engine.address(session.ip);
+			if key and not exemption(key, transport_of(session)) then
+				session[FIELD] = nil; -- a component looks again at its next MUC event
+				if not is_component then session_state(session); end -- tracked now: a ban closes it
+			end
+		end
+	end
+end
+
 module:hook_global("config-reloaded", function ()
 	local ok, new = pcall(read_config);
 	if not ok then
@@ -932,6 +964,7 @@ module:hook_global("config-reloaded", function ()
 	config = new;
 	proxies = read_proxies();
 	define_rules();
+	reclassify_open_sessions();
 	module:log("info", "Limits reloaded%s", config.dry_run and " (dry run)" or "");
 end);
 

@@ -165,6 +165,39 @@ def test_exempt_cidr_list(prosody_factory):
     assert all_decisions(srv) == {}
 
 
+def test_a_reloaded_exempt_list_reaches_open_sessions(prosody_factory):
+    srv = limits_server(prosody_factory, host_options={
+        "native_limits_exempt": ["192.0.2.0/24"],
+        "native_limits_stanzas": {"address": "1/10min burst 2"},
+        "native_limits_session_stanzas": False,
+        "native_limits_max_delay": 0,
+        "native_limits_stanza_close_after": 100,
+    })
+    c = Anon(srv)
+    assert c.login()[0] == "ok"
+
+    def ping(n):
+        c.send(f"<iq type='get' id='e{n}' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>")
+        text = c.read_until(r"<iq[^>]*id=['\"]e%d['\"][^>]*(?:/>|>.*?</iq>)" % n)
+        return "ok" if "type='result'" in text else "refused" if "<policy-violation" in text else text
+
+    def exempt(listed):
+        cfg = srv.config_path.read_text()
+        new = re.sub(r'native_limits_exempt = \{[^}]*\}', 'native_limits_exempt = { %s }'
+                     % ", ".join(f'"{p}"' for p in listed), cfg)
+        assert new != cfg
+        srv.config_path.write_text(new)
+        srv.shell("config:reload()")
+
+    assert [ping(1), ping(2), ping(3)] == ["ok", "ok", "refused"]
+    exempt(["192.0.2.0/24", "127.0.0.0/8"])
+    assert [ping(4), ping(5), ping(6)] == ["ok", "ok", "ok"]  # exempt from now on
+    exempt(["192.0.2.0/24"])
+    assert ping(7) == "refused"  # limited again, its spent budget remembered
+    assert decisions(srv, "stanzas", "refuse") == 2
+    c.close()
+
+
 def test_concurrent_sessions_per_address(prosody_factory):
     srv = limits_server(prosody_factory, host_options={
         "native_limits_max_sessions": only(address=2),
@@ -412,6 +445,36 @@ def test_strict_profile_from_a_cidr_file(prosody_factory, tmp_path):
     srv2 = limits_server(prosody_factory, host_options={"native_limits_strict_file": str(bad)})
     assert "option 'native_limits_strict_file' must be a file of IP addresses or CIDR prefixes" in srv2.log_text()
     assert "bad.txt line 2: not-a-prefix" in srv2.log_text()
+
+
+def test_a_reloaded_strict_list_reaches_open_sessions(prosody_factory, tmp_path):
+    listed = tmp_path / "tor-exits.txt"
+    listed.write_text("192.0.2.0/24\n")
+    srv = limits_server(prosody_factory, host_options={
+        "native_limits_strict_file": str(listed),
+        "native_limits_stanzas": {"address": "1/10min burst 8"},  # strict (a quarter): burst 2
+        "native_limits_session_stanzas": False,
+        "native_limits_max_delay": 0,
+        "native_limits_stanza_close_after": 100,
+    })
+    c = Anon(srv)
+    assert c.login()[0] == "ok"
+
+    def ping(n):
+        c.send(f"<iq type='get' id='s{n}' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>")
+        text = c.read_until(r"<iq[^>]*id=['\"]s%d['\"][^>]*(?:/>|>.*?</iq>)" % n)
+        return "ok" if "type='result'" in text else "refused" if "<policy-violation" in text else text
+
+    assert [ping(1), ping(2), ping(3)] == ["ok", "ok", "ok"]  # not listed: the full burst
+    listed.write_text("192.0.2.0/24\n127.0.0.0/8\n")  # the client's network is listed now
+    srv.shell("config:reload()")
+    # the strict profile is a budget of its own (burst 2), which this session has not used yet
+    assert [ping(4), ping(5), ping(6)] == ["ok", "ok", "refused"]
+    listed.write_text("192.0.2.0/24\n")  # unlisted again: back to the full budget, three of eight spent
+    srv.shell("config:reload()")
+    assert ping(7) == "ok"
+    assert decisions(srv, "stanzas", "refuse") == 1
+    c.close()
 
 
 def test_hibernated_sessions_count_towards_concurrency(prosody_factory):
