@@ -372,6 +372,28 @@ def test_config_reload_reaches_the_budgets_of_open_sessions(prosody_factory):
     c.close()
 
 
+def test_stanzas_to_staff_are_never_limited(prosody_factory):
+    srv = limits_server(prosody_factory, host_options={
+        "native_limits_session_stanzas": "1/10min burst 2",
+        "native_limits_staff": ["helpdesk@localhost"],
+        "native_limits_max_delay": 0,
+        "native_limits_stanza_close_after": 100,
+    })
+    c = Anon(srv)
+    assert c.login()[0] == "ok"
+
+    def iq(n, to):
+        c.send(f"<iq type='get' id='t{n}' to='{to}'><ping xmlns='urn:xmpp:ping'/></iq>")
+        text = c.read_until(r"<iq[^>]*id=['\"]t%d['\"][^>]*(?:/>|>.*?</iq>)" % n)
+        return "refused" if "You are sending too fast" in text else "passed"
+
+    assert [iq(1, "localhost"), iq(2, "localhost"), iq(3, "localhost")] == ["passed", "passed", "refused"]
+    # to the staff, bare or full, whatever the budget left; to anyone else, refused
+    assert [iq(4, "helpdesk@localhost"), iq(5, "helpdesk@localhost/desk"), iq(6, "helpdesk@localhost.evil"),
+            iq(7, "other@localhost/helpdesk@localhost")] == ["passed", "passed", "refused", "refused"]
+    c.close()
+
+
 def test_unsolicited_messages_staff_and_joined_rooms(prosody_factory):
     srv = limits_server(prosody_factory, host_options={
         "native_limits_unsolicited": "1/10min burst 2",
