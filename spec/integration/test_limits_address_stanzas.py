@@ -4,19 +4,8 @@ config reload's new rate reaches sessions already open, and a module reload (new
 Raw TCP clients at non-loopback addresses of a loopback-routed /24 (the fixture of test_limits_prefixes, needs root).
 """
 
-from test_limits_helpers import advance, decisions, limits_server
+from test_limits_helpers import advance, decisions, limits_server, ping, reconfigure
 from test_limits_prefixes import From, prefixes  # noqa: F401  (prefixes is a fixture)
-
-
-def ping(c, n):
-    """-> "ok" | "refused" | the reply."""
-    c.send(f"<iq type='get' id='s{n}' to='{c.domain}'><ping xmlns='urn:xmpp:ping'/></iq>")
-    text = c.read_until(r"<iq[^>]*id=['\"]s%d['\"][^>]*(?:/>|>.*?</iq>)" % n)
-    if "type='result'" in text:
-        return "ok"
-    if "<policy-violation" in text and "You are sending too fast" in text:
-        return "refused"
-    return text
 
 
 def test_sessions_of_one_address_share_its_stanza_budget(prosody_factory, prefixes):  # noqa: F811
@@ -35,12 +24,8 @@ def test_sessions_of_one_address_share_its_stanza_budget(prosody_factory, prefix
     assert ping(other, 61) == "ok"  # another address: its own budget
     assert decisions(srv, "stanzas", "refuse") == 2
     # a config reload with a bigger burst reaches the open sessions' handles at once
-    cfg = srv.config_path.read_text()
-    new = cfg.replace('native_limits_stanzas = { address = "1/10min burst 5" }',
-                      'native_limits_stanzas = { address = "1/10min burst 8" }')
-    assert new != cfg
-    srv.config_path.write_text(new)
-    srv.shell("config:reload()")
+    reconfigure(srv, r'native_limits_stanzas = \{ address = "1/10min burst 5" \}',
+                'native_limits_stanzas = { address = "1/10min burst 8" }')
     assert [ping(b, 7), ping(a, 8), ping(b, 9), ping(a, 10)] == ["ok", "ok", "ok", "refused"]
     # a module reload keeps the table (state) and the sessions keep being limited
     srv.shell('module:reload("native_limits", "localhost")')
@@ -61,11 +46,7 @@ def test_a_reloaded_max_delay_reaches_open_sessions(prosody_factory, prefixes): 
     c = From(srv, f"{v4}.60", s4)
     assert c.login()[0] == "ok"
     assert [ping(c, 1), ping(c, 2), ping(c, 3)] == ["ok", "ok", "refused"]  # no wait accepted
-    cfg = srv.config_path.read_text()
-    new = cfg.replace("native_limits_max_delay = 0", "native_limits_max_delay = 5")
-    assert new != cfg
-    srv.config_path.write_text(new)
-    srv.shell("config:reload()")
+    reconfigure(srv, "native_limits_max_delay = 0", "native_limits_max_delay = 5")
     advance(srv, 58)  # the next token is 2 s away: within the new max_delay, not the old one
     assert ping(c, 4) == "ok"
     assert decisions(srv, "stanzas", "delay") == 1 and decisions(srv, "stanzas", "refuse") == 1

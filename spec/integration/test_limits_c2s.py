@@ -8,7 +8,7 @@ import re
 import time
 
 from test_limits_helpers import (MUC_HOST, Anon, advance, all_decisions, decisions, expect_stream_error, limits_server,
-                                 metrics)
+                                 metrics, ping, reconfigure)
 
 OFF = {"address": False, "ipv6/64": False, "ipv6/48": False, "ipv4/24": False, "global": False}
 
@@ -176,24 +176,15 @@ def test_a_reloaded_exempt_list_reaches_open_sessions(prosody_factory):
     c = Anon(srv)
     assert c.login()[0] == "ok"
 
-    def ping(n):
-        c.send(f"<iq type='get' id='e{n}' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>")
-        text = c.read_until(r"<iq[^>]*id=['\"]e%d['\"][^>]*(?:/>|>.*?</iq>)" % n)
-        return "ok" if "type='result'" in text else "refused" if "<policy-violation" in text else text
-
     def exempt(listed):
-        cfg = srv.config_path.read_text()
-        new = re.sub(r'native_limits_exempt = \{[^}]*\}', 'native_limits_exempt = { %s }'
-                     % ", ".join(f'"{p}"' for p in listed), cfg)
-        assert new != cfg
-        srv.config_path.write_text(new)
-        srv.shell("config:reload()")
+        reconfigure(srv, r'native_limits_exempt = \{[^}]*\}',
+                    'native_limits_exempt = { %s }' % ", ".join(f'"{p}"' for p in listed))
 
-    assert [ping(1), ping(2), ping(3)] == ["ok", "ok", "refused"]
+    assert [ping(c, 1), ping(c, 2), ping(c, 3)] == ["ok", "ok", "refused"]
     exempt(["192.0.2.0/24", "127.0.0.0/8"])
-    assert [ping(4), ping(5), ping(6)] == ["ok", "ok", "ok"]  # exempt from now on
+    assert [ping(c, 4), ping(c, 5), ping(c, 6)] == ["ok", "ok", "ok"]  # exempt from now on
     exempt(["192.0.2.0/24"])
-    assert ping(7) == "refused"  # limited again, its spent budget remembered
+    assert ping(c, 7) == "refused"  # limited again, its spent budget remembered
     assert decisions(srv, "stanzas", "refuse") == 2
     c.close()
 
@@ -347,26 +338,17 @@ def test_config_reload_reaches_the_budgets_of_open_sessions(prosody_factory):
     c = Anon(srv)
     assert c.login()[0] == "ok"
 
-    def ping(n):
-        c.send(f"<iq type='get' id='r{n}' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>")
-        text = c.read_until(r"<iq[^>]*id=['\"]r%d['\"][^>]*(?:/>|>.*?</iq>)" % n)
-        return "ok" if "type='result'" in text else "refused" if "<policy-violation" in text else text
-
-    assert [ping(1), ping(2)] == ["ok", "ok"]
+    assert [ping(c, 1), ping(c, 2)] == ["ok", "ok"]
     for option, smaller in (("native_limits_session_stanzas", "1/10min burst 3"),
                             ("native_limits_session_iqs", "1/10min burst 5")):
-        cfg = srv.config_path.read_text()
-        new = re.sub(r'(%s = )"1/10min burst 10"' % option, r'\1"%s"' % smaller, cfg)
-        assert new != cfg
-        srv.config_path.write_text(new)
-        srv.shell("config:reload()")
+        cfg = reconfigure(srv, r'(%s = )"1/10min burst 10"' % option, r'\1"%s"' % smaller)
         # the session's bucket takes the new rate and burst and keeps what it spent (two of the session's, four
         # of its iq budget by the second round): one more, then refused
-        assert [ping(3), ping(4)] == ["ok", "refused"], option
+        assert [ping(c, 3), ping(c, 4)] == ["ok", "refused"], option
         # back to 10: the session may send again
         srv.config_path.write_text(cfg)
         srv.shell("config:reload()")
-        assert ping(5) == "ok", option
+        assert ping(c, 5) == "ok", option
     assert decisions(srv, "session_stanzas", "refuse") == 1
     assert decisions(srv, "session_iq", "refuse") == 1
     c.close()
@@ -382,15 +364,11 @@ def test_stanzas_to_staff_are_never_limited(prosody_factory):
     c = Anon(srv)
     assert c.login()[0] == "ok"
 
-    def iq(n, to):
-        c.send(f"<iq type='get' id='t{n}' to='{to}'><ping xmlns='urn:xmpp:ping'/></iq>")
-        text = c.read_until(r"<iq[^>]*id=['\"]t%d['\"][^>]*(?:/>|>.*?</iq>)" % n)
-        return "refused" if "You are sending too fast" in text else "passed"
-
-    assert [iq(1, "localhost"), iq(2, "localhost"), iq(3, "localhost")] == ["passed", "passed", "refused"]
-    # to the staff, bare or full, whatever the budget left; to anyone else, refused
-    assert [iq(4, "helpdesk@localhost"), iq(5, "helpdesk@localhost/desk"), iq(6, "helpdesk@localhost.evil"),
-            iq(7, "other@localhost/helpdesk@localhost")] == ["passed", "passed", "refused", "refused"]
+    assert [ping(c, 1), ping(c, 2), ping(c, 3)] == ["ok", "ok", "refused"]
+    # to the staff, bare or full, whatever the budget left (answered by the server); to anyone else, refused
+    assert ping(c, 4, "helpdesk@localhost") == "ok"
+    assert "<service-unavailable" in ping(c, 5, "helpdesk@localhost/desk")  # no such resource: not refused
+    assert [ping(c, 6, "helpdesk@localhost.evil"), ping(c, 7, "other@localhost/helpdesk@localhost")] == ["refused"] * 2
     c.close()
 
 
@@ -482,19 +460,14 @@ def test_a_reloaded_strict_list_reaches_open_sessions(prosody_factory, tmp_path)
     c = Anon(srv)
     assert c.login()[0] == "ok"
 
-    def ping(n):
-        c.send(f"<iq type='get' id='s{n}' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>")
-        text = c.read_until(r"<iq[^>]*id=['\"]s%d['\"][^>]*(?:/>|>.*?</iq>)" % n)
-        return "ok" if "type='result'" in text else "refused" if "<policy-violation" in text else text
-
-    assert [ping(1), ping(2), ping(3)] == ["ok", "ok", "ok"]  # not listed: the full burst
+    assert [ping(c, 1), ping(c, 2), ping(c, 3)] == ["ok", "ok", "ok"]  # not listed: the full burst
     listed.write_text("192.0.2.0/24\n127.0.0.0/8\n")  # the client's network is listed now
     srv.shell("config:reload()")
     # the strict profile is a budget of its own (burst 2), which this session has not used yet
-    assert [ping(4), ping(5), ping(6)] == ["ok", "ok", "refused"]
+    assert [ping(c, 4), ping(c, 5), ping(c, 6)] == ["ok", "ok", "refused"]
     listed.write_text("192.0.2.0/24\n")  # unlisted again: back to the full budget, three of eight spent
     srv.shell("config:reload()")
-    assert ping(7) == "ok"
+    assert ping(c, 7) == "ok"
     assert decisions(srv, "stanzas", "refuse") == 1
     c.close()
 

@@ -139,6 +139,27 @@ class Anon(harness.RawXMPP):
         return self.bind()
 
 
+def ping(c, n, to=ANON_HOST):
+    """A ping from the raw client c with id n -> "ok" | "refused" (by a stanza limit) | the reply as it came."""
+    c.send(f"<iq type='get' id='ping{n}' to='{to}'><ping xmlns='urn:xmpp:ping'/></iq>")
+    text = c.read_until(r"<iq[^>]*id=['\"]ping%d['\"][^>]*(?:/>|>.*?</iq>)" % n)
+    if "type='result'" in text:
+        return "ok"
+    if "<policy-violation" in text and "You are sending too fast" in text:
+        return "refused"
+    return text
+
+
+def reconfigure(srv, pattern, replacement):
+    """Rewrites srv's config file (re.sub, which must change something) and reloads it; -> the previous text."""
+    cfg = srv.config_path.read_text()
+    new = re.sub(pattern, replacement, cfg)
+    assert new != cfg, pattern
+    srv.config_path.write_text(new)
+    srv.shell("config:reload()")
+    return cfg
+
+
 def expect_stream_error(text, condition="policy-violation", contains=None):
     assert f"<{condition} xmlns='urn:ietf:params:xml:ns:xmpp-streams'/>" in text, text
     if contains:

@@ -10,7 +10,7 @@ import hashlib
 import re
 
 import harness
-from test_limits_helpers import MUC_HOST, Anon, decisions, limits_server
+from test_limits_helpers import MUC_HOST, Anon, decisions, limits_server, ping
 from test_smacks_s2s import A_ADDR, A_HOST, B_ADDR, B_HOST, S2SProsody, chat, dns, read_ids  # noqa: F401
 
 NS_MUC = "http://jabber.org/protocol/muc"
@@ -35,16 +35,6 @@ TIGHT_MUC = {
 }
 
 
-def pings(c, n, domain):
-    """n pings in turn -> ["ok" | "refused" | reply text]."""
-    out = []
-    for i in range(n):
-        c.send(f"<iq type='get' id='lim{i}' to='{domain}'><ping xmlns='urn:xmpp:ping'/></iq>")
-        text = c.read_until(r"<iq[^>]*id=['\"]lim%d['\"][^>]*(?:/>|>.*?</iq>)" % i)
-        out.append("ok" if "type='result'" in text else "refused" if "<policy-violation" in text else text)
-    return out
-
-
 def test_s2s_streams_are_never_limited(dns, tmp_path):  # noqa: F811
     unbound = {"resolvconf": False, "hoststxt": False, "forward": dns["bed"].resolver, "trusted": dns["bed"].trust_anchor}
     g = {"unbound": unbound, "s2s_require_encryption": True, "s2s_secure_auth": False,
@@ -66,7 +56,7 @@ def test_s2s_streams_are_never_limited(dns, tmp_path):  # noqa: F811
             "for s in pairs(prosody.incoming_s2s) do if s.from_host == %s then return 'incoming' end end; return 'none'"
             % harness.lua_string(A_HOST))
         # bob, a client of the same server on loopback, is limited: two more stanzas, then refused
-        assert pings(bob, 3, B_HOST) == ["ok", "ok", "refused"]
+        assert [ping(bob, i, B_HOST) for i in range(3)] == ["ok", "ok", "refused"]
         for c in (alice, bob):
             c.close()
     finally:
@@ -121,7 +111,7 @@ def test_external_components_are_never_limited(prosody_factory):
         user.send(f"<presence to='more@{MUC_HOST}/me'><x xmlns='{NS_MUC}'/></presence>")
         text = user.read_until(r"<presence[^>]*from=['\"]more@%s/me['\"][^>]*>.*?</presence>" % MUC_HOST)
         assert "Too many new rooms from your network" in text, text
-        assert pings(user, 2, harness.DOMAIN) == ["ok", "refused"]
+        assert [ping(user, 1), ping(user, 2)] == ["ok", "refused"]
         assert decisions(srv, "session_stanzas", "refuse") == 1
     finally:
         bot.close()
