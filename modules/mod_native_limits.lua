@@ -582,14 +582,27 @@ local function strike(s, rule)
 	return ban;
 end
 
--- Delays the session's processing (and, on a socket, its reading) for `seconds`.
+-- Is this code running in the session's own runner, where it may sleep? BOSH opens its stream from
+-- inside the XML parser, in the HTTP request's runner: a sleep there would yield across the parser
+-- (a C call), which fails the request with a 500.
+local function in_own_runner(session)
+	local runner = session.thread;
+	return runner ~= nil and async.ready() and runner.thread == coroutine.running();
+end
+
+-- Delays the session's processing (and, on a socket, its reading) for `seconds`; where it cannot
+-- wait (see in_own_runner), the event goes ahead at once, its slot already reserved. Returns true
+-- when the session was closed meanwhile: the event must then stop (a destroyed session has no host
+-- to route from).
 local function delay(session, rule, seconds)
 	count(rule, "delay");
-	if config.dry_run or seconds <= 0 or not async.ready() then return; end
+	if config.dry_run or seconds <= 0 or not in_own_runner(session) then return false; end
 	local conn = session.conn;
 	local paused = conn and transport_of(session) ~= "bosh" and conn.pause and pcall(conn.pause, conn);
 	async.sleep(seconds);
+	if session.destroyed then return true; end
 	if paused and conn.resume then pcall(conn.resume, conn); end
+	return false;
 end
 
 local function check_ban(session, s, rule)
@@ -627,7 +640,7 @@ if not is_component then
 		if not rule then return; end
 		local ok, wait = lim:check(rule, s.key, 1, config.max_delay);
 		if ok then
-			if wait > 0 then delay(session, "connections", wait); end
+			if wait > 0 and delay(session, "connections", wait) then return true; end
 			return;
 		end
 		count("connections", "refuse");
@@ -649,7 +662,7 @@ if not is_component then
 		if not rule then return; end
 		local ok, wait = lim:check(rule, s.key, 1, config.max_delay);
 		if ok then
-			if wait > 0 then delay(session, "logins", wait); end
+			if wait > 0 and delay(session, "logins", wait) then return true; end
 			return;
 		end
 		count("logins", "refuse");
@@ -749,7 +762,7 @@ if not is_component then
 			if not ok2 or wait2 > wait then ok, wait, rule = ok2, wait2, "stanzas"; end
 		end
 		if ok then
-			if wait > 0 then delay(session, rule, wait); end
+			if wait > 0 and delay(session, rule, wait) then return true; end
 			return;
 		end
 		count(rule, "refuse");

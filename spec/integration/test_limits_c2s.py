@@ -280,6 +280,23 @@ def test_stanza_delay_answers_everything(prosody_factory):
     c.close()
 
 
+def test_a_session_gone_during_a_delay_is_left_alone(prosody_factory):
+    srv = limits_server(prosody_factory, host_options={
+        "native_limits_session_stanzas": "1/s burst 1",
+        "native_limits_stanzas": False,
+        "native_limits_max_delay": 2,
+    })
+    c = Anon(srv)
+    assert c.login()[0] == "ok"
+    c.send("".join(f"<iq type='get' id='g{i}' to='{c.domain}'><ping xmlns='urn:xmpp:ping'/></iq>" for i in range(3)))
+    c.read_until(r"<iq[^>]*id=['\"]g0['\"]")
+    c.close()  # while the second ping waits for its slot
+    time.sleep(2.5)
+    assert decisions(srv, "session_stanzas", "delay") >= 1
+    assert "Traceback" not in srv.log_text()
+    assert Anon(srv).login()[0] == "ok"  # and the server carries on
+
+
 def test_bad_options_are_named(prosody_factory):
     for option, value, message in [
         ("native_limits_logins", {"address": "lots"}, "option 'native_limits_logins[address]' must be a rate"),

@@ -116,3 +116,14 @@ def test_stanza_refuse_close_then_ban(prosody_factory, transport):
     assert "banned" in srv.shell(f'limits:show("{abuser}")')
     expect_stream_error(opened(srv, transport, abuser), contains="try again in 300 seconds")
     assert opened(srv, transport, "203.0.113.41") == "ok"
+
+
+@pytest.mark.parametrize("transport", ["websocket", "bosh"])
+def test_a_delayed_stream_open_succeeds(prosody_factory, transport):
+    srv = server(prosody_factory, native_limits_connections={"address": "1/s burst 1", "ipv4/24": False,
+                                                             "ipv6/64": False, "ipv6/48": False, "global": False},
+                 native_limits_max_delay=2)
+    assert opened(srv, transport, "198.51.100.50") == "ok"
+    assert opened(srv, transport, "198.51.100.50") == "ok"  # within a second: the next slot, not a refusal
+    assert decisions(srv, "connections", "refuse") == 0
+    assert "Traceback" not in srv.log_text() and "unexpected async state" not in srv.log_text()
