@@ -1044,11 +1044,13 @@ static int Lhandle(lua_State *L) {
 	return 1;
 }
 
-/* lim:strike(key16, prefix_length?, weight?) -> ban_seconds | nil, strikes, level
+/* lim:strike(key16, prefix_length?, weight?) -> ban_seconds | nil, strikes, level, started
  * Counts an offence against the prefix; reaching ban_strikes bans it for
  * ban_initial × ban_factor^level (at most ban_max) and raises its level. While a
- * ban runs, strikes only count. nil, "offender table full" when every way of the
- * prefix's set holds an active ban (the caller may strike a shorter prefix). */
+ * ban runs, strikes only count: ban_seconds is then what is left of it, and
+ * `started` (true only for the strike that began a ban) tells the two apart.
+ * nil, "offender table full" when every way of the prefix's set holds an active
+ * ban (the caller may strike a shorter prefix). */
 static int Lstrike(lua_State *L) {
 	limiter *l = check_open(L, 1);
 	const unsigned char *key = check_key(L, 2);
@@ -1069,7 +1071,8 @@ static int Lstrike(lua_State *L) {
 		lua_pushnumber(L, (double)(o->ban_until - now) / US);
 		lua_pushnumber(L, o->strikes);
 		lua_pushinteger(L, o->level);
-		return 3;
+		lua_pushboolean(L, 0);
+		return 4;
 	}
 	o->strikes += weight;
 	if(o->strikes + 1e-9 >= l->strike_limit) {
@@ -1088,7 +1091,8 @@ static int Lstrike(lua_State *L) {
 	}
 	lua_pushnumber(L, o->strikes);
 	lua_pushinteger(L, o->level);
-	return 3;
+	lua_pushboolean(L, !lua_isnil(L, -3));
+	return 4;
 }
 
 /* lim:banned(key16) -> seconds_left, prefix_length, level | nil

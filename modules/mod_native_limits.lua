@@ -559,18 +559,18 @@ end
 
 -- A strike against the address; may start a ban (logged: bans are rare), and on its /64 or /24.
 local function strike(s, rule)
-	local ban, strikes, level = lim:strike(s.key);
+	local ban, strikes, level, started = lim:strike(s.key);
 	if strikes == 1 and level == 0 then
 		module:log("info", "First offence from %s (%s)", s.ip, rule);
 	end
-	if ban then
+	if started then -- not while a ban runs: that offence only counts, or one address would ban its prefix
 		count(rule, "ban");
 		module:log("info", "%sBanned %s for %ds (level %d) after repeated %s violations", config.dry_run and "[dry run] " or "",
 			s.ip, math.floor(ban), level, rule);
 		local v4 = s.key:sub(1, 12) == "\0\0\0\0\0\0\0\0\0\0\255\255";
 		local pbits = v4 and 120 or 64;
-		local pban, _, plevel = lim:strike(s.key, pbits); -- three banned addresses ban the prefix
-		if pban then
+		local pban, _, plevel, pstarted = lim:strike(s.key, pbits); -- three banned addresses ban the prefix
+		if pstarted then
 			count(rule, "ban");
 			module:log("info", "Banned %s for %ds (level %d): several banned addresses in it", engine.format(s.key, pbits),
 				math.floor(pban), plevel);
@@ -977,21 +977,30 @@ local function reclassify_open_sessions()
 	end
 end
 
+-- A dry run records strikes and bans to tell what it would have done; once it is over they are
+-- forgotten, or switching to enforcement would ban at once everyone the dry run only counted.
+local function end_dry_run()
+	local n = lim:unban(string.rep("\0", 16), 0);
+	module:log("info", "Dry run over: forgot %d simulated offender entries (strikes and bans)", n);
+end
+
 module:hook_global("config-reloaded", function ()
 	local ok, new = pcall(read_config);
 	if not ok then
 		module:log("error", "Keeping the previous limits: %s", new);
 		return;
 	end
+	local was_dry_run = config.dry_run;
 	config = new;
 	proxies = read_proxies();
 	define_rules();
 	reclassify_open_sessions();
+	if was_dry_run and not config.dry_run then end_dry_run(); end
 	module:log("info", "Limits reloaded%s", config.dry_run and " (dry run)" or "");
 end);
 
 function module.save()
-	return { limiter = lim };
+	return { limiter = lim; dry_run = config.dry_run };
 end
 
 function module.restore(state)
@@ -999,6 +1008,7 @@ function module.restore(state)
 		lim = state.limiter;
 		module.limiter = lim;
 		define_rules();
+		if state.dry_run and not config.dry_run then end_dry_run(); end
 	end
 	-- the bound sessions limited by the previous instance, hibernated ones included, are tracked
 	-- again, so that a ban still closes them

@@ -358,21 +358,21 @@ describe("prosody_native.limiter", function ()
 			local lim = lim_with_bans();
 			local k = addr("203.0.113.5");
 			assert.is_nil(lim:banned(k));
-			assert.same({ nil, 1, 0 }, { lim:strike(k) });
-			assert.same({ nil, 2, 0 }, { lim:strike(k) });
-			assert.same({ 300, 0, 1 }, { lim:strike(k) });
+			assert.same({ nil, 1, 0, false }, { lim:strike(k) });
+			assert.same({ nil, 2, 0, false }, { lim:strike(k) });
+			assert.same({ 300, 0, 1, true }, { lim:strike(k) });
 			assert.same({ 300, 128, 1 }, { lim:banned(k) });
 			assert.is_nil(lim:banned(addr("203.0.113.6")));
 			lim:advance(299);
 			assert.same({ 1, 128, 1 }, { lim:banned(k) });
-			assert.same({ 1, 0, 1 }, { lim:strike(k) }); -- while banned strikes only count
+			assert.same({ 1, 0, 1, false }, { lim:strike(k) }); -- while banned strikes only count: not a new ban
 			lim:advance(1);
 			assert.is_nil(lim:banned(k));
 			lim:strike(k); lim:strike(k);
-			assert.same({ 600, 0, 2 }, { lim:strike(k) });
+			assert.same({ 600, 0, 2, true }, { lim:strike(k) });
 			lim:advance(600);
 			lim:strike(k); lim:strike(k);
-			assert.same({ 1000, 0, 3 }, { lim:strike(k) }); -- 1200 capped at ban_max
+			assert.same({ 1000, 0, 3, true }, { lim:strike(k) }); -- 1200 capped at ban_max
 		end);
 
 		it("lets strikes leak away and forgives levels after good behaviour", function ()
@@ -380,16 +380,16 @@ describe("prosody_native.limiter", function ()
 			local k = addr("2001:db8::66");
 			lim:strike(k); lim:strike(k);
 			lim:advance(199);
-			assert.same({ nil, 2, 0 }, { lim:strike(k, 128, 0) }); -- weight 0 only looks: nothing forgiven yet
+			assert.same({ nil, 2, 0, false }, { lim:strike(k, 128, 0) }); -- weight 0 only looks: nothing forgiven yet
 			lim:advance(1); -- one strike is forgiven every 600/3 s
-			assert.same({ nil, 2, 0 }, { lim:strike(k) });
+			assert.same({ nil, 2, 0, false }, { lim:strike(k) });
 			lim:advance(600);
-			assert.same({ nil, 1, 0 }, { lim:strike(k) });
+			assert.same({ nil, 1, 0, false }, { lim:strike(k) });
 			lim:strike(k);
-			assert.same({ 300, 0, 1 }, { lim:strike(k) });
+			assert.same({ 300, 0, 1, true }, { lim:strike(k) });
 			lim:advance(300 + 3600); -- one forgive period after the ban ended
 			lim:strike(k); lim:strike(k);
-			assert.same({ 300, 0, 1 }, { lim:strike(k) }); -- back to the first duration
+			assert.same({ 300, 0, 1, true }, { lim:strike(k) }); -- back to the first duration
 		end);
 
 		it("bans prefixes that cover addresses, and reports the longest ban", function ()

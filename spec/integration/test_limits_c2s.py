@@ -128,6 +128,11 @@ def test_dry_run_counts_and_never_enforces(prosody_factory):
     assert d.get(("connections", "refuse", "dry_run")) == 3, d
     assert d.get(("max_sessions", "refuse", "dry_run")) == 3, d
     assert not [k for k in d if k[2] == "enforce"], d
+    # six strikes: the third would have banned the address; the others fell in that ban and only count, so
+    # neither a second ban nor a strike against its /24
+    assert d.get(("connections", "ban", "dry_run"), 0) + d.get(("logins", "ban", "dry_run"), 0) == 1, d
+    assert "127.0.0.1 banned" in srv.shell('limits:show("127.0.0.1")')
+    assert "127.0.0.9 not banned" in srv.shell('limits:show("127.0.0.9")')
     for c in clients:
         c.close()
     # one summary line per interval (1 s here), not one per event
@@ -136,6 +141,10 @@ def test_dry_run_counts_and_never_enforces(prosody_factory):
         time.sleep(0.1)
     summary = [line for line in srv.log_text().splitlines() if "[dry run] Last 1s: " in line]
     assert summary and "logins refuse: 3" in summary[0] and "top offender 127.0.0.1" in summary[0], summary
+    # enforcing from now on: what the dry run only simulated is forgotten, not enforced at once
+    reconfigure(srv, "native_limits_dry_run = true", "native_limits_dry_run = false")
+    assert "127.0.0.1 not banned" in srv.shell('limits:show("127.0.0.1")')
+    assert "Dry run over: forgot 2 simulated offender entries" in srv.log_text()  # the address and its /24
 
 
 def test_loopback_is_exempt_by_default(prosody_factory):
