@@ -311,7 +311,7 @@ local m_exempt = module:metric("counter", "exempt_sessions", "", "Sessions never
 local m_ban_closed = module:metric("counter", "ban_closed_sessions", "", "Open sessions closed because a new ban covers their address",
 	{ "transport", "mode" });
 
-local evicted = { idle = 0; busy = 0 };
+local evicted = { idle = 0; busy = 0 }; -- what the counters have of the table's totals (kept across reloads)
 module:hook_global("stats-update", function ()
 	local s = lim:stats();
 	m_tracked:with_labels():set(s.tracked);
@@ -1000,13 +1000,14 @@ module:hook_global("config-reloaded", function ()
 end);
 
 function module.save()
-	return { limiter = lim; dry_run = config.dry_run };
+	return { limiter = lim; dry_run = config.dry_run; evicted = evicted };
 end
 
 function module.restore(state)
 	if state and state.limiter then
 		lim = state.limiter;
 		module.limiter = lim;
+		evicted = state.evicted or evicted; -- the counters survive a reload: they already hold these
 		define_rules();
 		if state.dry_run and not config.dry_run then end_dry_run(); end
 	end

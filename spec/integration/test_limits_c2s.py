@@ -353,6 +353,22 @@ def test_bans_survive_a_module_reload_and_config_reload_applies_new_limits(proso
     assert "Limits reloaded" in srv.log_text()
 
 
+def test_eviction_counters_survive_a_module_reload(prosody_factory):
+    srv = limits_server(prosody_factory, host_options={"native_limits_capacity": 64})
+    evict = ("local l = prosody.hosts['localhost'].modules.native_limits.module.limiter; "
+             "local r = l:rule('flood', { { family = 'ipv4', rate = 1, burst = 5 } }); "
+             "for i = 1, 2000 do l:check(r, string.pack('>I4I4I4I4', 0, 0, 0xffff, 0x0a000000 + i)) end; return 'done'")
+    assert srv.shell_result(evict) == "done"
+
+    def evictions():
+        return sum(v for (name, labels), v in metrics(srv).items() if name == "prosody_mod_native_limits__evictions_total")
+
+    before = evictions()
+    assert before >= 2000 - 64
+    srv.shell('module:reload("native_limits", "localhost")')
+    assert evictions() == before  # the table and its totals are kept: nothing new to add
+
+
 def test_config_reload_reaches_the_budgets_of_open_sessions(prosody_factory):
     srv = limits_server(prosody_factory, host_options={
         "native_limits_session_stanzas": "1/10min burst 10",
