@@ -1000,7 +1000,7 @@ module:hook_global("config-reloaded", function ()
 end);
 
 function module.save()
-	return { limiter = lim; dry_run = config.dry_run; evicted = evicted };
+	return { limiter = lim; dry_run = config.dry_run; evicted = evicted; concurrency = concurrency };
 end
 
 function module.restore(state)
@@ -1008,6 +1008,7 @@ function module.restore(state)
 		lim = state.limiter;
 		module.limiter = lim;
 		evicted = state.evicted or evicted; -- the counters survive a reload: they already hold these
+		concurrency = state.concurrency or concurrency; -- the open sessions keep counting
 		define_rules();
 		if state.dry_run and not config.dry_run then end_dry_run(); end
 	end

@@ -213,6 +213,11 @@ def test_concurrent_sessions_per_address(prosody_factory):
     assert kind == "error"
     assert "<resource-constraint" in text and "type='wait'" in text and "Too many sessions from your network" in text
     c.close()
+    srv.shell('module:reload("native_limits", "localhost")')  # the open sessions still count
+    c = Anon(srv)
+    assert c.open()[0] == "ok" and c.auth()[0] == "success"
+    assert "Too many sessions from your network" in c.bind()[1]
+    c.close()
     a.close()
     d = Anon(srv)
     for _ in range(50):  # a's unbind is processed asynchronously after its stream closes
