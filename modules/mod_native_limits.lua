@@ -816,7 +816,8 @@ if is_component then
 
 	local function muc_error(event, etype, condition, text)
 		local reply = st.error_reply(event.stanza, etype, condition, text, event.room and event.room.jid or host);
-		if event.stanza.name == "presence" then reply:tag("x", { xmlns = "http://jabber.org/protocol/muc" }):up(); end
+		-- (error_reply leaves its cursor inside <error/>; the <x/> belongs to the presence)
+		if event.stanza.name == "presence" then reply:up():tag("x", { xmlns = "http://jabber.org/protocol/muc" }):up(); end
 		event.origin.send(reply);
 		return true;
 	end
@@ -841,6 +842,20 @@ if is_component then
 		for room in pairs(room_buckets) do room_buckets[room] = nil; end
 	end, -1); -- after the options are re-read (priority 0)
 
+	local function refuse_long_nick(event)
+		local nick = jid_resource(event.stanza.attr.to) or "";
+		if not (utf8.len(nick) and utf8.len(nick) > config.muc_max_nick) then return; end
+		count("muc_nick", "refuse");
+		if not config.dry_run then return muc_error(event, "modify", "policy-violation", "Your nickname is too long"); end
+	end
+
+	-- A nickname change is held to the same length as a join's.
+	module:hook("muc-occupant-pre-change", function (event)
+		if event.orig_occupant.nick == event.dest_occupant.nick then return; end
+		if not origin_state(event.origin) or affiliated(event.room, event.stanza.attr.from) then return; end
+		return refuse_long_nick(event);
+	end, 20);
+
 	module:hook("muc-occupant-pre-join", function (event)
 		local s = origin_state(event.origin);
 		if not s then return; end
@@ -855,11 +870,7 @@ if is_component then
 					("You are banned from this service for %d more seconds"):format(math.ceil(left)));
 			end
 		end
-		local nick = jid_resource(event.stanza.attr.to) or "";
-		if utf8.len(nick) and utf8.len(nick) > config.muc_max_nick then
-			count("muc_nick", "refuse");
-			if not config.dry_run then return muc_error(event, "modify", "policy-violation", "Your nickname is too long"); end
-		end
+		if refuse_long_nick(event) then return true; end
 		local rule = rule_for(s, "muc_joins");
 		if rule then
 			local ok, wait = lim:check(rule, s.key);
@@ -917,7 +928,9 @@ if is_component then
 			end
 		end
 		if not config.muc_messages then return; end
-		if bucket_in(s, "muc_bucket", config.muc_messages):take() then return; end
+		local buckets = s.muc_buckets; -- one budget per occupant: this session in this room
+		if not buckets then buckets = {}; s.muc_buckets = buckets; end
+		if bucket_in(buckets, event.room.jid, config.muc_messages):take() then return; end
 		count("muc_messages", "refuse");
 		if not config.dry_run then
 			s.refused = s.refused + 1;
