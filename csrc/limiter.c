@@ -1524,5 +1524,7 @@ int luaopen_prosody_native_limiter(lua_State *L) {
 	luaL_newlib(L, limiter_functions);
 	lua_pushinteger(L, PN_ABI);
 	lua_setfield(L, -2, "_ABI");
+	lua_pushinteger(L, MAX_LEVELS);
+	lua_setfield(L, -2, "max_levels");
 	return 1;
 }

@@ -106,6 +106,9 @@ local function levels_option(name, defaults)
 		if not rate then option_error(name .. "[" .. key .. "]", v, "a rate like \"10/min\" or \"3/s burst 10\", or false"); end
 		spec.rate, spec.burst, spec.text = rate, burst, v;
 	end);
+	if #levels > engine.max_levels then
+		option_error(name, value, ("at most %d levels (\"address\" counts as two: IPv4 and IPv6)"):format(engine.max_levels));
+	end
 	return #levels > 0 and levels or nil;
 end
 

@@ -320,6 +320,8 @@ def test_bad_options_are_named(prosody_factory):
         ("native_limits_ban_initial", "soon", "option 'native_limits_ban_initial' must be a duration"),
         ("native_limits_exempt", ["10.0.0.0/33"], "option 'native_limits_exempt' must be a list of IP addresses"),
         ("native_limits_session_stanzas", "fast", "option 'native_limits_session_stanzas' must be a rate"),
+        ("native_limits_stanzas", {f"ipv6/{n}": "9/s" for n in range(40, 49)},
+         "option 'native_limits_stanzas' must be at most 8 levels"),
     ]:
         srv = limits_server(prosody_factory, host_options={option: value})
         srv.shell(">1")  # the admin shell answers once every host's modules have loaded
