@@ -351,17 +351,34 @@ end);
 
 local proxy_warned_at = 0;
 local weak_keys = { __mode = "k" };
+-- Per-address sets of sessions are held by the sessions' own states (s.sets) and only weakly by the
+-- index that finds them: a set lives exactly as long as a session in it, so a flood of addresses
+-- that each connect once leaves nothing behind.
+local weak_values = { __mode = "v" };
 -- Every limited session of this instance (its own c2s sessions; on a component, the sessions that joined one of
 -- its rooms without an affiliation there): a new ban closes those it covers. Weak: a destroyed session leaves.
 local tracked = setmetatable({}, weak_keys);
-local tracked_by_key = {}; -- address key -> weak set of those sessions: an address ban needs no sweep
+local tracked_by_key = setmetatable({}, weak_values); -- address key -> set of those sessions: a ban needs no sweep
+
+-- Puts the session into index[label]'s set (made if need be), which its state `s` then holds.
+local function join_set(index, label, session, s)
+	local set = index[label];
+	if not set then set = setmetatable({}, weak_keys); index[label] = set; end
+	set[session] = true;
+	local held = s.sets;
+	if not held then held = {}; s.sets = held; end
+	held[set] = true;
+end
+
+-- Takes the session out of every set its state holds (tracking and concurrency).
+local function leave_sets(session, s)
+	for set in pairs(s.sets or {}) do set[session] = nil; end
+end
 
 local function track(session, s)
 	if tracked[session] then return; end
 	tracked[session] = s;
-	local set = tracked_by_key[s.key];
-	if not set then set = setmetatable({}, weak_keys); tracked_by_key[s.key] = set; end
-	set[session] = true;
+	join_set(tracked_by_key, s.key, session, s);
 end
 
 local function untrack(session)
@@ -436,7 +453,7 @@ local function family_matches(key, level)
 	return (level.family == "ipv4") == v4;
 end
 
-local concurrency = { unauth = {}, bound = {} };
+local concurrency = { unauth = setmetatable({}, weak_values), bound = setmetatable({}, weak_values) };
 
 local function live(kind, session)
 	if kind == "unauth" then return session.type == "c2s_unauthed" and not session.destroyed; end
@@ -464,25 +481,10 @@ local function add_concurrency(kind, levels, key, session)
 	if not levels then return; end
 	for _, level in ipairs(levels) do
 		if family_matches(key, level) then
-			local lk = level_key(key, level);
-			local set = concurrency[kind][lk];
-			if not set then set = setmetatable({}, weak_keys); concurrency[kind][lk] = set; end
-			set[session] = true;
+			join_set(concurrency[kind], level_key(key, level), session, session[FIELD]);
 		end
 	end
 end
-
-module:add_timer(300, function ()
-	for key, set in pairs(tracked_by_key) do
-		if next(set) == nil then tracked_by_key[key] = nil; end
-	end
-	for _, sets in pairs(concurrency) do
-		for lk, set in pairs(sets) do
-			if next(set) == nil then sets[lk] = nil; end
-		end
-	end
-	return 300;
-end);
 
 -- ---------------------------------------------------------------- actions
 
@@ -718,8 +720,13 @@ if not is_component then
 		untrack(carrier);
 		if s == nil then return; end
 		untrack(resumed);
+		local old = resumed[FIELD];
+		if old then leave_sets(resumed, old); end -- it counts under its new address now
 		resumed[FIELD] = s;
-		if s then track(resumed, s); end
+		if s then
+			track(resumed, s);
+			add_concurrency("bound", config.max_sessions, s.key, resumed);
+		end
 	end);
 
 	local function refuse_stanza(session, stanza, text)
@@ -975,9 +982,7 @@ local function reclassify_open_sessions()
 		if exemption(s.key, s.transport) then
 			session[FIELD] = false;
 			untrack(session);
-			for _, sets in pairs(concurrency) do
-				for _, set in pairs(sets) do set[session] = nil; end
-			end
+			leave_sets(session, s);
 		else
 			s.strict = is_strict(s.key);
 		end
