@@ -153,11 +153,10 @@ def test_three_banned_addresses_ban_their_64(prosody_factory, prefixes):
 def test_addresses_that_connect_once_leave_nothing_behind(prosody_factory, prefixes):
     """The shim's per-address sets live only as long as a session in them (no sweep to wait for)."""
     p = prefixes
-    srv = limits_server(prosody_factory, global_options={"interfaces": ["127.0.0.1", p["server6"]], "c2s_timeout": 1}, host_options={
-        "native_limits_connections": {"address": "10/s burst 10", "ipv6/64": False, "ipv6/48": False,
-                                      "ipv4/24": False, "global": False},
-        "native_limits_logins": False,
-    })
+    srv = limits_server(prosody_factory, global_options={"interfaces": ["127.0.0.1", p["server6"]], "c2s_timeout": 1},
+                        host_options={"native_limits_connections": {"address": "10/s burst 10", "ipv6/64": False,
+                                                                    "ipv6/48": False, "ipv4/24": False, "global": False},
+                                      "native_limits_logins": False})
 
     def connect_once(first, n):
         for i in range(first, first + n):
