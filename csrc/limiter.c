@@ -1192,6 +1192,92 @@ static int Lunban(lua_State *L) {
 	return 1;
 }
 
+/* The rule of `to` named as rule `rule` of `from`, or 0. */
+static int rule_by_name(const limiter *to, const limiter *from, int rule) {
+	int r;
+	for(r = 1; r <= to->nrules; r++)
+		if(strcmp(to->rules[r - 1].name, from->rules[rule - 1].name) == 0)
+			return r;
+	return 0;
+}
+
+/* Copies the old table's offenders into this one (times moved onto this clock);
+ * -> copied, dropped (its sets full of bans). */
+static void absorb_offenders(limiter *l, const limiter *old, int64_t delta, lua_Integer *copied, lua_Integer *dropped) {
+	size_t j;
+	int64_t now = now_us(l);
+	for(j = 0; j < old->off_sets * OFF_WAYS; j++) {
+		const offender *from = &old->off[j];
+		offender *to;
+		if(!from->used)
+			continue;
+		to = off_find(l, from->hi, from->lo, from->plen);
+		if(!to && !(to = off_insert(l, from->hi, from->lo, from->plen, now))) {
+			(*dropped)++;
+			continue;
+		}
+		*to = *from;
+		to->ban_until += delta;
+		to->last += delta;
+		to->level_at += delta;
+		(*copied)++;
+	}
+	l->ban_plens[0] |= old->ban_plens[0];
+	l->ban_plens[1] |= old->ban_plens[1];
+	l->ban_plens[2] |= old->ban_plens[2];
+}
+
+/* Copies the old table's rate entries of the rules this one also has (by name). */
+static void absorb_rates(limiter *l, const limiter *old, int64_t delta, lua_Integer *copied, lua_Integer *dropped) {
+	size_t j;
+	int64_t now = now_us(l);
+	for(j = 0; j < old->rate_sets * RATE_WAYS; j++) {
+		const rate_entry *from = &old->rate[j];
+		rate_entry *sets[2], *to;
+		int rule;
+		if(!from->used)
+			continue;
+		rule = rule_by_name(l, old, from->rule);
+		if(!rule || from->tat <= now - delta) { /* no such rule here, or idle: nothing to keep */
+			(*dropped)++;
+			continue;
+		}
+		to = rate_find(l, from->hi, from->lo, from->plen, rule, sets);
+		if(!to && !(to = rate_insert(l, sets, from->hi, from->lo, from->plen, rule, now, NULL, 0))) {
+			(*dropped)++;
+			continue;
+		}
+		to->tat = from->tat + delta;
+		to->last = (uint32_t)((((int64_t)from->last << 20) + delta) >> 20);
+		(*copied)++;
+	}
+}
+
+/* lim:absorb(old) -> rate_entries, offenders, dropped
+ * Takes over another limiter's state (a larger or smaller table, other ban
+ * options): its offenders and bans, and the busy rate entries of the rules both
+ * define (matched by name). What does not fit is dropped, idle entries first.
+ * The old limiter is left as it was. */
+static int Labsorb(lua_State *L) {
+	limiter *l = check_open(L, 1);
+	limiter *old = check_open(L, 2);
+	lua_Integer rates = 0, offenders = 0, dropped = 0;
+	int64_t delta;
+	uint64_t evicted = l->evict_idle + l->evict_busy;
+	luaL_argcheck(L, l != old, 2, "a limiter cannot absorb itself");
+	delta = now_us(l) - now_us(old);
+	absorb_offenders(l, old, delta, &offenders, &dropped);
+	absorb_rates(l, old, delta, &rates, &dropped);
+	/* a smaller table makes room by evicting what it took a moment ago */
+	evicted = l->evict_idle + l->evict_busy - evicted;
+	rates -= (lua_Integer)evicted;
+	dropped += (lua_Integer)evicted;
+	lua_pushinteger(L, rates);
+	lua_pushinteger(L, offenders);
+	lua_pushinteger(L, dropped);
+	return 3;
+}
+
 /* lim:reset(key16?, prefix_length?) -> count
  * Forgets rate state and offenders inside the prefix, or everything. */
 static int Lreset(lua_State *L) {
@@ -1493,6 +1579,7 @@ static const luaL_Reg limiter_methods[] = {
 	{ "advance", Ladvance },
 	{ "bucket", Lbucket },
 	{ "handle", Lhandle },
+	{ "absorb", Labsorb },
 	{ NULL, NULL }
 };
 

@@ -252,9 +252,21 @@ local loopback = { { bits = 104; text = "127.0.0.0/8" }, { bits = 128; text = ":
 
 -- ---------------------------------------------------------------- engine state
 
-local lim = assert(engine.new({ capacity = config.capacity; offenders = config.offenders; ban_strikes = config.ban.ban_strikes;
-	ban_window = config.ban.ban_window; ban_initial = config.ban.ban_initial; ban_factor = config.ban.ban_factor;
-	ban_max = config.ban.ban_max; ban_forgive = config.ban.ban_forgive }));
+-- The engine's own options: a change of any of them needs a new table (see switch_table).
+local function table_options(c)
+	local o = { capacity = c.capacity; offenders = c.offenders };
+	for k, v in pairs(c.ban) do o[k] = v; end
+	return o;
+end
+
+local function same_options(a, b)
+	for k, v in pairs(a) do if b[k] ~= v then return false; end end
+	for k in pairs(b) do if a[k] == nil then return false; end end
+	return true;
+end
+
+local lim_options = table_options(config);
+local lim = assert(engine.new(lim_options));
 local rule_ids, rule_levels = {}, {};
 
 -- Each bucket's { rate, burst } table: a config reload makes new ones, so a bucket whose table is
@@ -998,6 +1010,20 @@ local function reclassify_open_sessions()
 	end
 end
 
+-- Moves onto a table made with the current options, taking over `old`'s bans, strikes and busy
+-- budgets: how a new capacity or new ban options apply on a reload without forgetting anyone.
+local function switch_table(old)
+	lim_options = table_options(config);
+	lim = assert(engine.new(lim_options));
+	module.limiter = lim;
+	define_rules();
+	local rates, offenders, dropped = lim:absorb(old);
+	local s = lim:stats(); -- the eviction counters go on from here: the copy's evictions are not news
+	evicted.idle, evicted.busy = s.evictions_idle, s.evictions_busy;
+	module:log("info", "New limiter table (%d entries, %d offender entries): kept %d budgets and %d offenders, dropped %d",
+		s.capacity, s.offender_capacity, rates, offenders, dropped);
+end
+
 -- A dry run records strikes and bans to tell what it would have done; once it is over they are
 -- forgotten, or switching to enforcement would ban at once everyone the dry run only counted.
 local function end_dry_run()
@@ -1014,23 +1040,31 @@ module:hook_global("config-reloaded", function ()
 	local was_dry_run = config.dry_run;
 	config = new;
 	proxies = read_proxies();
-	define_rules();
+	if same_options(table_options(config), lim_options) then
+		define_rules();
+	else
+		switch_table(lim);
+	end
 	reclassify_open_sessions();
 	if was_dry_run and not config.dry_run then end_dry_run(); end
 	module:log("info", "Limits reloaded%s", config.dry_run and " (dry run)" or "");
 end);
 
 function module.save()
-	return { limiter = lim; dry_run = config.dry_run; evicted = evicted; concurrency = concurrency };
+	return { limiter = lim; options = lim_options; dry_run = config.dry_run; evicted = evicted; concurrency = concurrency };
 end
 
 function module.restore(state)
 	if state and state.limiter then
-		lim = state.limiter;
-		module.limiter = lim;
 		evicted = state.evicted or evicted; -- the counters survive a reload: they already hold these
 		concurrency = state.concurrency or concurrency; -- the open sessions keep counting
-		define_rules();
+		if same_options(state.options or {}, lim_options) then
+			lim = state.limiter;
+			module.limiter = lim;
+			define_rules();
+		else
+			switch_table(state.limiter);
+		end
 		if state.dry_run and not config.dry_run then end_dry_run(); end
 	end
 	-- the bound sessions limited by the previous instance, hibernated ones included, are tracked

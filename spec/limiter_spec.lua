@@ -446,6 +446,48 @@ describe("prosody_native.limiter", function ()
 		end);
 	end);
 
+	describe("absorb", function ()
+		it("takes over another table's bans and busy entries, rules matched by name", function ()
+			local old = manual({ capacity = 64, ban_strikes = 3, ban_initial = 300 });
+			local rx = old:rule("x", { { family = "ipv4", rate = 1, burst = 2 } });
+			local gone = old:rule("gone", { { family = "ipv4", rate = 1, burst = 1 } });
+			local busy, idle, troll = addr("192.0.2.1"), addr("192.0.2.2"), addr("192.0.2.3");
+			old:check(rx, busy); old:check(rx, busy);
+			old:check(gone, busy);
+			old:check(rx, idle);
+			for _ = 1, 3 do old:strike(troll); end
+			old:advance(100); -- idle's one token is back: nothing to keep
+			old:check(rx, busy); old:check(rx, busy); -- busy again: two spent
+			local new = manual({ capacity = 4096, ban_strikes = 3, ban_initial = 300 });
+			new:rule("other", { { family = "any", rate = 5, burst = 5 } });
+			local nx = new:rule("x", { { family = "ipv4", rate = 1, burst = 2 } });
+			assert.not_equal(rx, nx); -- another id: matched by name
+			assert.same({ 1, 1, 2 }, { new:absorb(old) }); -- busy; the troll; dropped: idle and the rule "gone"
+			assert.same({ false, 1, 1 }, { new:check(nx, busy) }); -- its spent budget came along
+			local left, plen, level = new:banned(troll);
+			assert.equal(200, math.floor(left + 0.5)); -- 300 s ban, 100 s of it already served
+			assert.same({ 128, 1 }, { plen, level });
+			assert.is_nil(new:banned(idle));
+			assert.same({ false, 1, 1 }, { old:check(rx, busy) }); -- the old table is left as it was
+			assert.has_error(function () new:absorb(new); end);
+		end);
+
+		it("drops what does not fit a smaller table, keeping bans first", function ()
+			local old = manual({ capacity = 4096, offenders = 4096 });
+			local r = old:rule("x", { { family = "ipv4", rate = 1, burst = 1 } });
+			for i = 1, 1000 do old:check(r, addr(("198.51.%d.%d"):format(i // 250, i % 250))); end
+			for i = 1, 3 do old:strike(addr("203.0.113.9")); end
+			local new = manual({ capacity = 64, offenders = 64 });
+			new:rule("x", { { family = "ipv4", rate = 1, burst = 1 } });
+			local rates, offenders, dropped = new:absorb(old);
+			assert.equal(1, offenders);
+			assert.equal(1000, rates + dropped);
+			assert.is_true(rates <= 64);
+			assert.truthy(new:banned(addr("203.0.113.9")));
+			assert.equal(64, new:stats().capacity);
+		end);
+	end);
+
 	describe("buckets", function ()
 		it("are token buckets on the table clock", function ()
 			local lim = manual();

@@ -360,6 +360,20 @@ def test_bans_survive_a_module_reload_and_config_reload_applies_new_limits(proso
     assert "Limits reloaded" in srv.log_text()
 
 
+def test_a_config_reload_applies_a_new_table_size_and_ban_options_keeping_bans(prosody_factory):
+    srv = limits_server(prosody_factory, host_options={"native_limits_capacity": 1024, "native_limits_ban_initial": 300})
+    srv.shell('limits:ban("198.51.100.7")')
+    assert "198.51.100.7 banned 300s" in srv.shell('limits:show("198.51.100.7")')
+    reconfigure(srv, "native_limits_capacity = 1024", "native_limits_capacity = 4096")
+    reconfigure(srv, "native_limits_ban_initial = 300", "native_limits_ban_initial = 600")
+    assert "New limiter table (4096 entries" in srv.log_text()
+    assert re.search(r"198\.51\.100\.7 banned (29\d|300)s", srv.shell('limits:show("198.51.100.7")'))  # kept
+    srv.shell('limits:ban("198.51.100.8")')
+    assert "198.51.100.8 banned 600s" in srv.shell('limits:show("198.51.100.8")')  # the new first ban
+    gauges = {name: v for (name, labels), v in metrics(srv).items() if dict(labels).get("host") == "localhost"}
+    assert gauges["prosody_mod_native_limits__table_capacity"] == 4096, gauges
+
+
 def test_eviction_counters_survive_a_module_reload(prosody_factory):
     srv = limits_server(prosody_factory, host_options={"native_limits_capacity": 64})
     evict = ("local l = prosody.hosts['localhost'].modules.native_limits.module.limiter; "
