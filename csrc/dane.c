@@ -648,6 +648,8 @@ static int Ldane_verify(lua_State *L) {
 			return pn_fail(L, ssl_errors(err, sizeof err, "bad reference name"), "bad-name");
 		lua_pop(L, 1);
 	}
+	/* RFC 9525 6.3: a wildcard is a whole left-most label, and only DNS names count */
+	SSL_set_hostflags(j->ssl, X509_CHECK_FLAG_NO_PARTIAL_WILDCARDS | X509_CHECK_FLAG_NEVER_CHECK_SUBJECT);
 	if(!v->ee_namechecks)
 		SSL_dane_set_flags(j->ssl, DANE_FLAG_NO_DANE_EE_NAMECHECKS);
 

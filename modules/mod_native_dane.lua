@@ -137,7 +137,7 @@ local m_refused = module:metric("counter", "refused", "", "Outgoing s2s connecti
 local m_fallback = module:metric("counter", "fallbacks", "", "Queued stanzas moved to the next SRV target after a DANE failure", { "reason" });
 local m_verify = module:metric("histogram", "verify_duration", "seconds", "Time to verify a peer chain against TLSA records", {},
 	{ buckets = { 0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05 } }):with_labels();
-local clock = require "util.time".now;
+local clock = require "util.time".monotonic; -- expiry must not follow the wall clock's steps
 
 -- Resolution (RFC 7673) --------------------------------------------------------------
 
@@ -285,8 +285,10 @@ local function resolve(domain, lookup_all)
 			t.status, t.why = "bogus-address", ("address records of %s are bogus (%s)"):format(t.host, a_st == "bogus" and a_why or aaaa_why);
 		elseif a_st == "error" and aaaa_st == "error" then
 			t.status, t.why = "error", ("address lookup for %s failed (%s)"):format(t.host, a_why);
-		elseif a_st ~= "secure" or aaaa_st ~= "secure" then
+		elseif a_st ~= "secure" and aaaa_st ~= "secure" then
 			t.status = "insecure"; -- RFC 7673 3.2: no TLSA without secure addresses
+		-- one secure address RRset makes the target's TLSA records binding: a failed lookup of the
+		-- other family (a forged SERVFAIL, say) only means no addresses from it, never less DANE
 		elseif tlsa_st == "bogus" then
 			t.status, t.why = "bogus-tlsa", ("TLSA records of _%d._tcp.%s are bogus (%s)"):format(t.port, t.host, tlsa_why);
 		elseif tlsa_st == "error" then
@@ -596,6 +598,18 @@ local function fail_target(session, targets, reason, text)
 	return false;
 end
 
+-- The decision's targets this connection reached (Prosody chose one of the SRV targets), by the
+-- peer's address and port: targets sharing an address are told apart by port. -> targets, ip
+local function reached_targets(state, session)
+	local ip, port = session.conn:ip(), session.conn:serverport();
+	local key = ip and (pton(ip) or ip);
+	local hit = {};
+	for _, t in ipairs(state.targets) do
+		if key and t.addrs[key] and (not port or tonumber(port) == t.port) then hit[#hit + 1] = t; end
+	end
+	return hit, ip;
+end
+
 local function peer_chain(session)
 	local sock = session.conn and session.conn:socket();
 	if not (sock and sock.getpeerchain) then return nil; end
@@ -603,7 +617,7 @@ local function peer_chain(session)
 	if not certs or #certs == 0 then return nil; end
 	local pems = {};
 	for i, c in ipairs(certs) do pems[i] = c:pem(); end
-	return pems, sock;
+	return pems;
 end
 
 -- Incoming (optional): the remote server's own domain's SRV targets' TLSA records.
@@ -686,26 +700,21 @@ local function check_certificate(event)
 		end
 		return;
 	end
-	local pems, sock = peer_chain(session);
-	local ip, port;
-	if sock and sock.getpeername then ip, port = sock:getpeername(); end
-	ip = ip or session.conn:ip();
-	local key = ip and (pton(ip) or ip);
-	-- the targets this connection reached (Prosody chose one of the SRV targets)
+	local pems = peer_chain(session);
+	local hit, ip = reached_targets(state, session);
 	local records, base, names, skipped, nondane = {}, nil, { session.to_host }, nil, nil;
-	local all_dane, hit = true, {};
+	local all_dane = true;
 	for _, t in ipairs(state.targets) do
 		if not t.why and t.status ~= "dane" then all_dane = false; end
-		if key and t.addrs[key] and (not port or tonumber(port) == t.port) then
-			hit[#hit + 1] = t;
-			if t.why then
-				skipped = skipped or t.why;
-			elseif t.status == "dane" then
-				if base then names[#names + 1] = t.host; else base = t.host; end
-				for _, r in ipairs(t.tlsa) do records[#records + 1] = r; end
-			else
-				nondane = t.host;
-			end
+	end
+	for _, t in ipairs(hit) do
+		if t.why then
+			skipped = skipped or t.why;
+		elseif t.status == "dane" then
+			if base then names[#names + 1] = t.host; else base = t.host; end
+			for _, r in ipairs(t.tlsa) do records[#records + 1] = r; end
+		else
+			nondane = t.host;
 		end
 	end
 	if skipped and not base then
@@ -728,7 +737,7 @@ local function check_certificate(event)
 		session.log("debug", "DANE: %s is not among the targets with TLSA records, leaving it to PKIX", ip);
 		return;
 	end
-	dane.tls_required = true;
+	dane.tls_required = true; -- RFC 7673 3.4: this target publishes TLSA records
 	if not pems then
 		m_outcome:with_labels("mismatch"):add(1);
 		return fail_target(session, hit, "mismatch", ("%s publishes TLSA records but presented no certificate"):format(base));
@@ -763,6 +772,18 @@ end
 
 module:hook("s2s-check-certificate", check_certificate, 500); -- after mod_s2s_auth_certs (509), before the policy (-1)
 
+-- Must this unencrypted stream have been TLS? Yes if a target it reached publishes TLSA records;
+-- at an address of no target, as strict as the domain's decision.
+local function tls_required(dane, session)
+	if dane.tls_required then return true; end
+	local hit = reached_targets(dane.state, session);
+	if #hit == 0 then return dane.state.outcome == "dane"; end
+	for _, t in ipairs(hit) do
+		if t.status == "dane" then return true; end
+	end
+	return false;
+end
+
 function module.add_host(host_module)
 	host_module:hook("route/remote", route_remote, -5); -- after existing sessions (-1), before new ones (-10)
 	host_module:hook("s2sout-created", function (event)
@@ -771,11 +792,11 @@ function module.add_host(host_module)
 		local r = routing[session.to_host];
 		if r then session.native_dane = { state = r.state; policy = r.policy }; end
 	end);
-	-- TLSA published means TLS is mandatory (RFC 7673 3.4)
+	-- TLSA published by the target reached means TLS is mandatory (RFC 7673 3.4)
 	host_module:hook("s2s-authenticated", function (event)
 		local session = event.session;
 		local dane = session.native_dane;
-		if session.direction == "outgoing" and dane and dane.state.outcome == "dane" and not session.secure then
+		if session.direction == "outgoing" and dane and not session.secure and tls_required(dane, session) then
 			m_refused:with_labels("no-tls"):add(1);
 			session.log("warn", "DANE: %s publishes TLSA records but the stream is not encrypted", session.to_host);
 			session:close({ condition = "policy-violation"; text = "DANE: TLSA records are published, TLS is required" }, nil,

@@ -54,6 +54,13 @@ subjectAltName = DNS:dane.example, DNS:xmpp.dane.example
 basicConstraints = critical, CA:FALSE
 extendedKeyUsage = serverAuth
 subjectAltName = DNS:other.example
+[partial]
+basicConstraints = critical, CA:FALSE
+extendedKeyUsage = serverAuth
+subjectAltName = DNS:x*.dane.example
+[cnonly]
+basicConstraints = critical, CA:FALSE
+extendedKeyUsage = serverAuth
 ]]);
 
 local function pki_cmds()
@@ -69,6 +76,11 @@ local function pki_cmds()
 	-- same key, a name that is neither the base domain nor the service domain
 	sh(("openssl x509 -req -in %s/leaf.csr -CA %s/int.pem -CAkey %s/int.key -set_serial 4 -days 30 "
 		.. "-extfile %s/ext.cnf -extensions wrongname -out %s/wrongname.pem"):format(d, d, d, d, d));
+	-- names RFC 9525 6.3 does not accept: a partial wildcard, and a CN with no DNS name
+	sh(("openssl x509 -req -in %s/leaf.csr -CA %s/int.pem -CAkey %s/int.key -set_serial 5 -days 30 "
+		.. "-extfile %s/ext.cnf -extensions partial -out %s/partial.pem"):format(d, d, d, d, d));
+	sh(("openssl x509 -req -in %s/leaf.csr -CA %s/int.pem -CAkey %s/int.key -set_serial 6 -days 30 "
+		.. "-extfile %s/ext.cnf -extensions cnonly -out %s/cnonly.pem"):format(d, d, d, d, d));
 	-- a self-signed leaf, and an unrelated certificate
 	sh(("openssl req -x509 -key %s/leaf.key -out %s/selfsigned.pem -subj /CN=xmpp.dane.example -days 30 "
 		.. "-addext basicConstraints=critical,CA:FALSE -addext subjectAltName=DNS:xmpp.dane.example"):format(d, d));
@@ -81,7 +93,7 @@ end
 pki_cmds();
 
 local pem = {};
-for _, n in ipairs({ "root", "int", "leaf", "wrongname", "selfsigned", "other" }) do
+for _, n in ipairs({ "root", "int", "leaf", "wrongname", "partial", "cnonly", "selfsigned", "other" }) do
 	pem[n] = readfile(dir .. "/" .. n .. ".pem");
 end
 local NOW = os.time();
@@ -271,6 +283,17 @@ describe("prosody_native.dane", function ()
 			res = trusted:verify(chain, { rec(2, 1, 1, "int") }, { base = "elsewhere.example" });
 			assert.equal("mismatch", res.verdict);
 			assert.equal(62, res.x509_error);
+		end);
+
+		it("accepts neither partial wildcards nor a CN without DNS names for DANE-TA (RFC 9525 6.3)", function ()
+			for _, name in ipairs({ "partial", "cnonly" }) do
+				local res = trusted:verify({ pem[name], pem.int }, { rec(2, 1, 1, "int") }, { base = "xmpp.dane.example" });
+				assert.equal("mismatch", res.verdict, name);
+				assert.equal(62, res.x509_error, name);
+			end
+			-- the same chain with the leaf's proper names passes: the names are what failed
+			assert.equal("verified", trusted:verify({ pem.leaf, pem.int }, { rec(2, 1, 1, "int") },
+				{ base = "xmpp.dane.example" }).verdict);
 		end);
 
 		it("checks DANE-EE names when asked to", function ()
