@@ -926,6 +926,27 @@ local function local_cert_suggestion(domain, say)
 	end
 end
 
+-- The first chain a target presented: its leaf, and how each TLSA record fares against it.
+local function describe_chain(t, chain, domain, say, warn)
+	local info = engine.certinfo(chain[1]);
+	if info then
+		say(("    leaf %s, issued by %s, expires %s"):format(info.subject, info.issuer, os.date("!%Y-%m-%d", info.not_after)));
+		if info.not_after < os.time() + 14 * 86400 then warn("the certificate of %s expires within 14 days", t.host); end
+	end
+	for i, r in ipairs(t.tlsa) do
+		local one = verifier:verify(chain, { r }, { base = t.host; names = { domain } });
+		local text;
+		if not one then text = "error";
+		elseif one.verdict == "verified" then text = ("matches (depth %d)"):format(one.depth);
+		elseif one.verdict == "mismatch" then text = "does not match: " .. one.error;
+		else text = "unusable: " .. tostring(one.unusable[1]); end
+		say(("    TLSA #%d %s"):format(i, text));
+		if one and one.verdict == "mismatch" and one.x509_error == 65 then
+			warn("TLSA #%d of %s matches nothing the server presents (stale record, or a next key not yet deployed)", i, t.host);
+		end
+	end
+end
+
 -- Runs the check, printing with say(); returns true when DANE (or its absence) is in order.
 local function check(domain, lookup_all, wait, say)
 	domain = domain:lower();
@@ -977,42 +998,34 @@ local function check(domain, lookup_all, wait, say)
 			if (by_usage[3] or 0) == 1 and not by_usage[2] then
 				warn("only one DANE-EE record for %s and no DANE-TA: publish the next key's record before changing keys (rollover hazard)", t.host);
 			end
-			local chain, err;
+			-- every address: Prosody may reach any of them (a stale key on one must show)
+			local how, reached = t.direct and "Direct TLS" or "STARTTLS", 0;
 			for _, addr in ipairs(addrs) do
-				local how = t.direct and "Direct TLS" or "STARTTLS";
-				chain, err = probe(addr, t.port, domain, t.direct, options.check_timeout, wait);
-				if chain then say(("    %s %s port %d: %d certificate(s)"):format(how, addr, t.port, #chain)); break; end
-				say(("    %s %s port %d failed: %s"):format(how, addr, t.port, err));
-			end
-			if not chain then
-				healthy = false;
-			else
-				local info = engine.certinfo(chain[1]);
-				if info then
-					say(("    leaf %s, issued by %s, expires %s"):format(info.subject, info.issuer, os.date("!%Y-%m-%d", info.not_after)));
-					if info.not_after < os.time() + 14 * 86400 then warn("the certificate of %s expires within 14 days", t.host); end
-				end
-				local all = verifier:verify(chain, t.tlsa, { base = t.host; names = { domain } });
-				for i, r in ipairs(t.tlsa) do
-					local one = verifier:verify(chain, { r }, { base = t.host; names = { domain } });
-					local text;
-					if not one then text = "error";
-					elseif one.verdict == "verified" then text = ("matches (depth %d)"):format(one.depth);
-					elseif one.verdict == "mismatch" then text = "does not match: " .. one.error;
-					else text = "unusable: " .. tostring(one.unusable[1]); end
-					say(("    TLSA #%d %s"):format(i, text));
-					if one and one.verdict == "mismatch" and one.x509_error == 65 then
-						warn("TLSA #%d of %s matches nothing the server presents (stale record, or a next key not yet deployed)", i, t.host);
+				local chain, err = probe(addr, t.port, domain, t.direct, options.check_timeout, wait);
+				if not chain then
+					say(("    %s %s port %d failed: %s"):format(how, addr, t.port, err));
+				else
+					say(("    %s %s port %d: %d certificate(s)"):format(how, addr, t.port, #chain));
+					reached = reached + 1;
+					if reached == 1 then describe_chain(t, chain, domain, say, warn); end
+					local all = verifier:verify(chain, t.tlsa, { base = t.host; names = { domain } });
+					if not all then
+						say("    verdict: cannot verify");
+						healthy = false;
+					else
+						say(("    verdict: %s%s"):format(all.verdict, all.error and (" (" .. all.error .. ")") or ""));
+						healthy = healthy and (all.verdict == "verified" or (all.verdict == "unusable-only" and policy ~= "required"));
 					end
 				end
-				if not all then
-					say("    verdict: cannot verify");
-					healthy = false;
-				else
-					say(("    verdict: %s%s"):format(all.verdict, all.error and (" (" .. all.error .. ")") or ""));
-					healthy = healthy and (all.verdict == "verified" or (all.verdict == "unusable-only" and policy ~= "required"));
-				end
 			end
+			if reached == 0 then
+				healthy = false;
+			elseif reached < #addrs then
+				warn("%d of the %d addresses of %s could not be reached from here", #addrs - reached, #addrs, t.host);
+			end
+		elseif t.why then
+			warn("target %s: %s; Prosody will not connect to it", t.host, t.why);
+			healthy = false;
 		end
 	end
 	local verdict;

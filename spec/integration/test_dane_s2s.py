@@ -314,6 +314,7 @@ def test_check_command_flags_stale_records_and_failures(world):
     assert "REFUSED: SRV records of bogussrv.dane.example are bogus" in out, out
     rc, out = dane_check(world["a"], "bogustlsa.dane.example")
     assert rc == 1 and "-> bogus-tlsa: TLSA records of" in out, out
+    assert re.search(r"WARNING: target \S+: TLSA records of .* are bogus .*; Prosody will not connect to it", out), out
     rc, out = dane_check(world["a"], "insecure.dane.example")
     assert rc == 0 and "Result for insecure.dane.example: no DANE (insecure): PKIX applies" in out, out
     rc, out = dane_check(world["a"], "required.dane.example")
