@@ -172,7 +172,7 @@ static int queue_push(lua_State *L, smqueue *q, const char *data, size_t len, in
 	memcpy(it->data, data, len);
 	q->head++; /* wraps at 2^32 by unsigned arithmetic */
 	lua_pushinteger(L, (lua_Integer)q->head);
-	if(q->count == q->capacity) {
+	if(q->count >= q->capacity) {
 		/* Full: hand the oldest back to the caller; it stays counted as unacked
 		 * (evicted) until the peer acknowledges past it. */
 		sm_item *old = q->ring[q->first];
@@ -364,6 +364,17 @@ static int Lsm_capacity(lua_State *L) {
 	return 1;
 }
 
+/* queue:set_capacity(n) -- the most items held from now on; the caller shift()s out
+ * any excess first (an error otherwise), so that nothing is evicted behind its back */
+static int Lsm_set_capacity(lua_State *L) {
+	smqueue *q = check_queue(L);
+	lua_Integer n = luaL_checkinteger(L, 2);
+	luaL_argcheck(L, n >= 1 && n <= MAX_CAPACITY, 2, "capacity must be from 1 to 1000000");
+	luaL_argcheck(L, (size_t)n >= q->count, 2, "capacity below the items held (shift them out first)");
+	q->capacity = (size_t)n;
+	return 0;
+}
+
 /* queue:memory() -> bytes held (payloads, records, ring) */
 static int Lsm_memory(lua_State *L) {
 	smqueue *q = check_queue(L);
@@ -511,6 +522,7 @@ static const luaL_Reg smqueue_methods[] = {
 	{ "count", Lsm_count },
 	{ "evicted", Lsm_evicted },
 	{ "capacity", Lsm_capacity },
+	{ "set_capacity", Lsm_set_capacity },
 	{ "memory", Lsm_memory },
 	{ "get", Lsm_get },
 	{ "mark", Lsm_mark },

@@ -59,6 +59,11 @@ if min_resume_timeout > resume_timeout then
 		("at most smacks_hibernation_time (%s)"):format(resume_timeout));
 end
 local queue_size = number_option("smacks_max_queue_size", 500, 1, 1000000, true);
+-- A connected stream's queue may run this many times fuller while it waits for acks: what a burst
+-- (a roster's presence, the offline store at login) wrote is delivered, not "lost", so it must not
+-- go through the expiry policy. Only hibernating sessions are held to smacks_max_queue_size.
+local LIVE_QUEUE_FACTOR = 4;
+local live_queue_size = math.min(queue_size * LIVE_QUEUE_FACTOR, 1000000);
 local max_unacked_stanzas = number_option("smacks_max_unacked_stanzas", 0, 0, 1000000, true);
 local max_inactive_unacked_stanzas = number_option("smacks_max_inactive_unacked_stanzas", 256, 0, 1000000, true);
 local delayed_ack_timeout = number_option("smacks_max_ack_delay", 30, 0, DAY);
@@ -79,7 +84,7 @@ local m_queued = module:metric("counter", "stanzas_queued", "", "Stanzas put in 
 local m_acked = module:metric("counter", "stanzas_acked", "", "Queued stanzas acknowledged by the client", {}):with_labels();
 local m_replayed = module:metric("counter", "stanzas_replayed", "", "Queued stanzas re-sent on resumption", {}):with_labels();
 local m_evicted = module:metric("counter", "stanzas_overflowed", "",
-	"Stanzas pushed out of a full queue (smacks_max_queue_size) and handed to the expiry policy", {}):with_labels();
+	"Stanzas pushed out of a full queue and handed to the expiry policy", {}):with_labels();
 local m_outcome = module:metric("counter", "stanza_outcomes", "",
 	"Fate of unacknowledged stanzas when a queue is discarded (expiry, overflow, disconnect, shutdown)", { "outcome" });
 local m_sessions = module:metric("counter", "sessions", "", "Stream management session events", { "event" });
@@ -89,7 +94,7 @@ local m_hibernating = module:metric("gauge", "hibernating_sessions", "", "Sessio
 
 local outcome_counters = {};
 for _, o in ipairs({ "ephemeral", "iq_error", "elsewhere", "archived", "redirected", "offline", "handled", "bounced",
-	"resent", "unreadable" }) do
+	"resent", "unreadable", "unconfirmed" }) do
 	outcome_counters[o] = m_outcome:with_labels(o);
 end
 local function session_event(name) return m_sessions:with_labels(name); end
@@ -155,7 +160,7 @@ local queue_methods = {};
 local queue_mt = { __index = queue_methods, __name = "native_smqueue" };
 
 local function new_queue(session)
-	return setmetatable({ q = engine.new(queue_size, initial_h); session = session }, queue_mt);
+	return setmetatable({ q = engine.new(live_queue_size, initial_h); session = session }, queue_mt);
 end
 
 function queue_methods:count_unacked() return self.q:unacked(); end
@@ -586,14 +591,52 @@ local function stanza_kind(stanza)
 	return nil;
 end
 
+-- A client that left a whole live queue unacknowledged has its connection closed, after the
+-- write in progress: it resumes (acknowledging what it got) or its session ends.
+local function close_unacking(session)
+	if session.native_smacks_closing then return; end
+	session.native_smacks_closing = true;
+	module:add_timer(0, function ()
+		session.native_smacks_closing = nil;
+		local conn = session.conn;
+		if conn and not session.destroyed and not session.hibernating then conn:close(); end
+	end);
+end
+
 -- A push evicted the oldest unacknowledged stanza (the queue was full).
 local function evicted(session, ev_bytes, ev_kind, ev_flags, ev_stamp)
 	m_evicted:add(1);
-	session.log("warn", "Stream management queue full (%d), handing the oldest unacked stanza to the expiry policy", queue_size);
+	local capacity = session.outgoing_stanza_queue.q:capacity();
 	if session.username then
+		session.log("warn", "Stream management queue full (%d), handing the oldest unacked stanza to the expiry policy", capacity);
 		policy_runner:run({ who = snapshot(session); items = { { ev_bytes, ev_kind, ev_flags, ev_stamp } }; reason = "overflow" });
+		if not session.hibernating then close_unacking(session); end
 	else
-		s2s_dispose(session, ev_bytes, ev_kind, ev_stamp, "overflow");
+		-- s2s streams do not hibernate: it was written on this live stream, whose peer is far
+		-- behind with its acks. Re-sending or bouncing it would only duplicate it (a re-send
+		-- would even land in this very queue again); the ack timeout deals with a dead peer.
+		outcome_counters.unconfirmed:add(1);
+		session.log("warn", "Stream management queue full (%d): the oldest unacked stanza is no longer held (written, not yet acknowledged)",
+			capacity);
+	end
+end
+
+-- A session starting to hibernate is held to smacks_max_queue_size: what a burst queued beyond
+-- it goes through the expiry policy now, the oldest first.
+local function hold_for_hibernation(session)
+	local queue = session.outgoing_stanza_queue;
+	if not queue then return; end
+	local q, items = queue.q, {};
+	while q:count() > queue_size do
+		local bytes, kind, flags, stamp = q:shift();
+		items[#items + 1] = { bytes, kind, flags, stamp };
+	end
+	q:set_capacity(queue_size);
+	if #items > 0 then
+		m_evicted:add(#items);
+		session.log("warn", "Hibernating with %d unacked stanzas beyond smacks_max_queue_size (%d): handing them to the expiry policy",
+			#items, queue_size);
+		policy_runner:run({ who = snapshot(session); items = items; reason = "overflow" });
 	end
 end
 
@@ -1080,6 +1123,7 @@ module:hook("pre-resource-unbind", function (event)
 	if session.hibernating then return true; end
 
 	session.hibernating = os.time();
+	hold_for_hibernation(session);
 	filters.add_filter(session, "stanzas/out", unwritten_stanza_filter, -999);
 	take_csi_pump(session, true);
 	hibernation_seq = hibernation_seq + 1;
@@ -1189,6 +1233,7 @@ local function handle_resume(session, stanza, xmlns_sm)
 	original.stream:set_session(original);
 	c2s_sessions[session.conn] = original;
 
+	queue.q:set_capacity(live_queue_size); -- connected again
 	local held = queue.q:count();
 	queue.q:ack(h);
 	m_acked:add(held - queue.q:count());

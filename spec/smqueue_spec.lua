@@ -237,6 +237,25 @@ describe("prosody_native.smqueue", function ()
 			assert.equal(1, q:unacked());
 		end);
 
+		it("takes a new capacity once the excess is shifted out, and evicts at it", function ()
+			local q = smqueue.new(8);
+			fill(q, 6); -- the ring grew to 8 slots
+			assert.has_error(function () q:set_capacity(3); end); -- six held: shift them out first
+			assert.same({ 6, 8 }, { q:count(), q:capacity() });
+			q:shift(); q:shift(); q:shift();
+			q:set_capacity(3);
+			assert.equal(3, q:capacity());
+			local _, ev = q:push("s7");
+			assert.equal("s4", ev);
+			assert.same({ "s5", "s6", "s7" }, held(q));
+			q:set_capacity(5); -- and back up: room again, nothing evicted
+			assert.is_nil(select(2, q:push("s8")));
+			assert.is_nil(select(2, q:push("s9")));
+			assert.same({ "s5", "s6", "s7", "s8", "s9" }, held(q));
+			assert.equal(4, q:evicted());
+			assert.has_error(function () q:set_capacity(0); end);
+		end);
+
 		it("shift removes the oldest without acknowledging it", function ()
 			local q = smqueue.new(5);
 			fill(q, 3);

@@ -528,3 +528,56 @@ def test_expired_ids_are_remembered_for_a_bounded_time(prosody_factory):
     r, resp = resume(server, user, c.sm["id"], 0)
     assert re.search(rf"<failed xmlns='{SM3}'><item-not-found xmlns='{STANZAS}'/></failed>", resp), resp
     r.close()
+
+
+# ---------------------------------------------------------------------------------------------------------- queue bounds
+
+
+def held(server, user, resource="phone"):
+    return int(server.shell_result(f"local s = prosody.full_sessions['{user}@localhost/{resource}']; "
+                                   "return s.outgoing_stanza_queue.q:count()"))
+
+
+def offline(server, user):
+    text = server.shell_result(
+        "local out = {}; for _, item in require'core.storagemanager'.open('localhost', 'offline', 'archive'):find(%s) "
+        "do out[#out+1] = item:get_child_text('body') end; return table.concat(out, ' ')" % harness.lua_string(user))
+    return text.split()
+
+
+def wait_offline(server, user, n, timeout=10):
+    deadline = time.monotonic() + timeout
+    got = offline(server, user)
+    while len(got) < n and time.monotonic() < deadline:
+        time.sleep(0.1)
+        got = offline(server, user)
+    return got
+
+
+def test_a_connected_burst_past_the_queue_size_is_held_until_hibernation(prosody_factory):
+    server = smacks_server(prosody_factory, smacks_max_queue_size=3, smacks_hibernation_time=30)
+    user, c, sender = client_and_sender(server)
+    send_chat(sender, f"{user}@localhost/phone", [f"b{i}" for i in range(10)])
+    read_messages(c, 10)  # all written and received; the client acknowledges none yet
+    assert held(server, user) == 10
+    assert offline(server, user) == []  # nothing went through the expiry policy while connected
+    drop(c)
+    wait_hibernating(server, user)
+    # hibernating, the session is held to smacks_max_queue_size: the 7 oldest go through the policy now
+    assert wait_offline(server, user, 7) == [f"b{i}" for i in range(7)]
+    assert held(server, user) == 3
+    sender.close()
+
+
+def test_a_client_that_never_acknowledges_a_live_queue_is_disconnected(prosody_factory):
+    server = smacks_server(prosody_factory, smacks_max_queue_size=2, smacks_hibernation_time=30)
+    user, c, sender = client_and_sender(server)
+    send_chat(sender, f"{user}@localhost/phone", [f"n{i}" for i in range(10)])
+    # a connected queue holds four times smacks_max_queue_size (8): the 2 oldest go through the policy, and the
+    # connection is closed so that the client resumes (acknowledging what it got) or its session ends
+    wait_hibernating(server, user)
+    assert server.log_text().count("Stream management queue full (8), handing the oldest unacked stanza") == 2
+    # hibernating, it is held to smacks_max_queue_size: n8 and n9 stay for resumption, n2..n7 follow n0 and n1
+    assert held(server, user) == 2
+    assert wait_offline(server, user, 8) == [f"n{i}" for i in range(8)]
+    sender.close()
