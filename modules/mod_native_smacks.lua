@@ -935,7 +935,9 @@ local function handle_enable(session, stanza, xmlns_sm)
 	wrap_session(session, false);
 	local resume = stanza.attr.resume;
 	local token, max;
-	if (resume == "true" or resume == "1") and session.username then -- no resumption on s2s
+	-- no resumption on s2s, nor over BOSH: mod_bosh keeps that session across requests itself,
+	-- and a BOSH request has no stream of its own to carry another session over to
+	if (resume == "true" or resume == "1") and session.username and not session.bosh_version then
 		repeat
 			token = new_token();
 		until not session_registry[jid_join(session.username, host, token)];
@@ -1161,6 +1163,10 @@ local function handle_resume(session, stanza, xmlns_sm)
 	if not session.username or not (session.type == "c2s" or session.type == "c2s_unbound") then
 		m_resume_failed:with_labels("unauthenticated"):add(1);
 		return failed(session, xmlns_sm, "not-authorized");
+	end
+	if session.bosh_version or not session.rawsend then -- checked before the original is touched
+		m_resume_failed:with_labels("bosh"):add(1);
+		return failed(session, xmlns_sm, "feature-not-implemented");
 	end
 	local id = stanza.attr.previd;
 	local h = engine.parse_h(stanza.attr.h);
