@@ -156,12 +156,18 @@ static int Lsm_new(lua_State *L) {
 }
 
 /* Queues a copy of data; returns the number of Lua results pushed: h, and the
- * evicted oldest item's bytes, kind, flags and stamp if the queue was full. */
+ * evicted oldest item's bytes, kind, flags and stamp if the queue was full.
+ * Whatever may raise (out of memory) comes before the queue changes, so an error
+ * leaves it as it was and leaks nothing. */
 static int queue_push(lua_State *L, smqueue *q, const char *data, size_t len, int kind, uint32_t flags) {
 	sm_item *it;
-	int nret = 1;
+	int full;
 	if(q->count == q->ring_cap && q->ring_cap < q->capacity && ring_grow(q) != 0)
 		return luaL_error(L, "out of memory");
+	luaL_checkstack(L, 5, NULL);
+	full = q->count >= q->capacity;
+	if(full)
+		push_item(L, q->ring[q->first]); /* copied out while it is still held */
 	it = malloc(item_size(len));
 	if(!it)
 		return luaL_error(L, "out of memory");
@@ -170,22 +176,21 @@ static int queue_push(lua_State *L, smqueue *q, const char *data, size_t len, in
 	it->kind = (uint8_t)kind;
 	it->len = len;
 	memcpy(it->data, data, len);
-	q->head++; /* wraps at 2^32 by unsigned arithmetic */
-	lua_pushinteger(L, (lua_Integer)q->head);
-	if(q->count >= q->capacity) {
-		/* Full: hand the oldest back to the caller; it stays counted as unacked
-		 * (evicted) until the peer acknowledges past it. */
-		sm_item *old = q->ring[q->first];
-		push_item(L, old);
+	if(full) {
+		/* the oldest stays counted as unacked (evicted) until the peer acknowledges past it */
 		pop_oldest(q);
 		q->evicted++;
-		nret = 5;
 	}
 	q->ring[(q->first + q->count) % q->ring_cap] = it;
 	q->count++;
 	q->bytes += len;
 	total_memory += item_size(len);
-	return nret;
+	q->head++; /* wraps at 2^32 by unsigned arithmetic */
+	lua_pushinteger(L, (lua_Integer)q->head);
+	if(!full)
+		return 1;
+	lua_insert(L, -5); /* h first, then the evicted item */
+	return 5;
 }
 
 /* queue:push(bytes [, kind [, flags]]) -> h [, evicted_bytes, kind, flags, stamp]

@@ -1068,6 +1068,10 @@ end
 local function expire(session, why)
 	if session.destroyed or not session.resumption_token then return; end
 	session.log("debug", "Hibernation over (%s), destroying the session", why);
+	if session.hibernating_watchdog then -- (expired early, by the per-user cap: its timer must not live on)
+		session.hibernating_watchdog:cancel();
+		session.hibernating_watchdog = nil;
+	end
 	forget_resumption(session);
 	end_hibernation_count(session);
 	session.resending_unacked = true; -- nothing more is queued
@@ -1305,3 +1309,20 @@ module:hook("module-loaded", function (event)
 		timer.add_task(0, function () modulemanager.unload(host, "native_smacks"); end);
 	end
 end);
+
+-- A module reload keeps the bookkeeping of the sessions that outlive it (their queues and
+-- filters live in the sessions): without it, a session from before the reload would end by
+-- subtracting from counts it never added to.
+function module.save()
+	return { delivered = delivered; sm_users = sm_users; hibernating_count = hibernating_count;
+		hibernation_seq = hibernation_seq };
+end
+
+function module.restore(state)
+	delivered = state.delivered or delivered;
+	sm_users = state.sm_users or sm_users;
+	hibernating_count = state.hibernating_count or hibernating_count;
+	hibernation_seq = state.hibernation_seq or hibernation_seq;
+	m_hibernating:set(hibernating_count);
+	for username in pairs(sm_users) do refresh_recording(username); end
+end

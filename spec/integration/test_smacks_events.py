@@ -234,3 +234,24 @@ def test_bounce_only_when_neither_stored_nor_archived(prosody_factory):
     got = wait_events(server, lambda e: len(outcomes_of(e)) >= 1)
     assert outcomes_of(got) == ["bounced:lost-cause"]
     sender.close()
+
+
+def test_a_module_reload_keeps_the_session_counts(prosody_factory):
+    server = server_with(prosody_factory, smacks_hibernation_time=30)
+    user, c, sender = client_and_sender(server)
+    send_chat(sender, c.jid, ["kept"])
+    read_messages(c, 1)
+    drop(c)
+    wait_hibernating(server, user)
+    assert metrics(server)["hibernating_sessions"] == 1
+    server.shell('module:reload("native_smacks", "localhost")')
+    # the reloaded module resumes the session that hibernated before the reload, and counts it out
+    r, resp = resume(server, user, c.sm["id"], 0)
+    assert "<resumed" in resp, resp
+    assert re.findall(r"<body>([^<]*)</body>", r.read_until(r"kept.*?</message>")) == ["kept"]
+    assert metrics(server)["hibernating_sessions"] == 0  # not -1
+    drop(r)
+    wait_hibernating(server, user)
+    assert metrics(server)["hibernating_sessions"] == 1
+    r.close()
+    sender.close()
