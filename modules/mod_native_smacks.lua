@@ -321,15 +321,6 @@ end
 module:hook("resource-bind", refresh_recording_event);
 module:hook("resource-unbind", refresh_recording_event);
 
-function module.unload()
-	for username in pairs(recorded_users) do
-		local user = local_sessions[username];
-		for _, session in pairs(user and user.sessions or {}) do
-			filters.remove_filter(session, "stanzas/out", record_out);
-		end
-	end
-end
-
 local function sm_user_add(username, n)
 	local c = (sm_users[username] or 0) + n;
 	sm_users[username] = c > 0 and c or nil;
@@ -1313,9 +1304,51 @@ end);
 -- A module reload keeps the bookkeeping of the sessions that outlive it (their queues and
 -- filters live in the sessions): without it, a session from before the reload would end by
 -- subtracting from counts it never added to.
+local reloading = false;
 function module.save()
+	reloading = true; -- only a reload saves: module.unload then leaves the sessions as they are
 	return { delivered = delivered; sm_users = sm_users; hibernating_count = hibernating_count;
 		hibernation_seq = hibernation_seq };
+end
+
+-- Unloaded for good (or stepping aside for mod_smacks): no session may keep this module's
+-- queue and filters, which nothing would serve any more. A hibernating session can no longer
+-- be resumed and expires; a connected one goes on without stream management, its unacked
+-- stanzas handed to the expiry policy as at a disconnect.
+local function leave_session(session)
+	filters.remove_filter(session, "bytes/out", outgoing_bytes_filter);
+	filters.remove_filter(session, "stanzas/out", unwritten_stanza_filter);
+	filters.remove_filter(session, "stanzas/out", record_out);
+	filters.remove_filter(session, "stanzas/in", count_incoming);
+	local queue = session.outgoing_stanza_queue;
+	if getmetatable(queue) ~= queue_mt then return; end
+	stop_ack_timers(session);
+	if not session.username then -- s2s: written on a stream that goes on, most likely delivered
+		local n = queue.q:count();
+		outcome_counters.unconfirmed:add(n);
+		queue.q:close();
+		session.outgoing_stanza_queue, session.smacks = nil, false;
+		if n > 0 then session.log("warn", "mod_native_smacks unloaded with %d unacked stanzas on this stream", n); end
+		return;
+	end
+	if session.hibernating and session.resumption_token then
+		expire(session, "mod_native_smacks unloaded");
+		return;
+	end
+	forget_resumption(session);
+	discard_queue(session, "unload");
+	session.smacks = nil;
+end
+
+function module.unload()
+	if reloading then return; end
+	for _, user in pairs(local_sessions) do
+		for _, session in pairs(user.sessions or {}) do leave_session(session); end
+	end
+	for _, session in pairs(prosody.hosts[host].s2sout or {}) do leave_session(session); end
+	for session in pairs(prosody.incoming_s2s or {}) do
+		if session.to_host == host then leave_session(session); end
+	end
 end
 
 function module.restore(state)

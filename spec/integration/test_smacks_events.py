@@ -255,3 +255,25 @@ def test_a_module_reload_keeps_the_session_counts(prosody_factory):
     assert metrics(server)["hibernating_sessions"] == 1
     r.close()
     sender.close()
+
+
+def test_unloading_leaves_no_session_with_this_modules_queue(prosody_factory):
+    server = server_with(prosody_factory, smacks_hibernation_time=60)
+    user, c, sender = client_and_sender(server)  # connected, stream management on
+    other, gone_phone, _ = client_and_sender(server)
+    send_chat(sender, gone_phone.jid, ["held"])
+    read_messages(gone_phone, 1)
+    drop(gone_phone)
+    wait_hibernating(server, other)
+    server.shell('module:unload("native_smacks", "localhost")')
+    # the hibernating session can no longer be resumed: it expired, its message went through the policy
+    assert gone(server, gone_phone.jid)
+    assert offline_count(server, other) == 1
+    # the connected one goes on without stream management, and without errors
+    state = server.shell_result("local s = prosody.full_sessions[%s]; return tostring(s.smacks) .. ' ' .. "
+                                "tostring(s.outgoing_stanza_queue)" % harness.lua_string(c.jid))
+    assert state == "nil nil", state
+    send_chat(sender, c.jid, ["after"], "after")
+    assert "after" in read_messages(c, 1)[0]
+    assert "Traceback" not in server.log_text()
+    sender.close()
