@@ -702,7 +702,7 @@ local function check_certificate(event)
 	end
 	local pems = peer_chain(session);
 	local hit, ip = reached_targets(state, session);
-	local records, base, names, skipped, nondane = {}, nil, { session.to_host }, nil, nil;
+	local records, base, names, skipped, nondane, nondane_status = {}, nil, { session.to_host }, nil, nil, nil;
 	local all_dane = true;
 	for _, t in ipairs(state.targets) do
 		if not t.why and t.status ~= "dane" then all_dane = false; end
@@ -714,10 +714,11 @@ local function check_certificate(event)
 			if base then names[#names + 1] = t.host; else base = t.host; end
 			for _, r in ipairs(t.tlsa) do records[#records + 1] = r; end
 		else
-			nondane = t.host;
+			nondane, nondane_status = t.host, t.status;
 		end
 	end
 	if skipped and not base then
+		m_outcome:with_labels("bogus"):add(1);
 		return fail_target(session, hit, "bogus", skipped);
 	end
 	if not base and not nondane and all_dane then
@@ -730,7 +731,9 @@ local function check_certificate(event)
 			("connected to %s, which is not an address of any DNSSEC-validated target"):format(tostring(ip)));
 	end
 	if not base then
-		m_outcome:with_labels(nondane and "no-tlsa" or "insecure"):add(1);
+		-- a target reached without TLSA records is "no-tlsa" or "insecure" by its own status; an
+		-- address of no target is "insecure" (nothing DNSSEC-validated vouches for it)
+		m_outcome:with_labels(nondane_status == "no-tlsa" and "no-tlsa" or "insecure"):add(1);
 		if policy == "required" then
 			return fail_target(session, hit, "required", ("connected to %s, which has no DNSSEC-signed TLSA records"):format(nondane or ip));
 		end
