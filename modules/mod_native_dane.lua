@@ -882,7 +882,9 @@ local function probe(addr, port, domain, direct, timeout, wait)
 	end
 	local sconn, werr = ssl.wrap(conn, { mode = "client"; protocol = "any"; verify = "none"; options = { "all", "no_sslv2", "no_sslv3" } });
 	if not sconn then conn:close(); return nil, "TLS: " .. tostring(werr); end
-	sconn:sni(domain);
+	-- as Prosody does: its s2s STARTTLS sends no SNI (net/server_epoll sets none for it), so a
+	-- receiver choosing certificates by SNI must show the check what it shows Prosody
+	if direct then sconn:sni(domain); end
 	sconn:settimeout(0);
 	repeat
 		ok, err = sconn:dohandshake();
