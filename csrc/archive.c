@@ -53,8 +53,9 @@ struct checkpointer {
 	int wal_full;      /* set by the writer when the WAL passed WAL_RESET_FRAMES */
 	int failed;        /* the thread could not open its connection */
 	/* Durability tickets: everything committed before ticket N was taken is on disk
-	 * once synced >= N. */
-	unsigned long requested, synced;
+	 * once synced >= N, unless N is in (failed_from, failed_to]: the fsync meant to
+	 * cover it failed. */
+	unsigned long requested, synced, failed_from, failed_to;
 	pthread_cond_t synced_cond;
 	double interval;
 	char *path;
@@ -94,6 +95,7 @@ typedef struct {
 	unsigned char *rec;        /* record buffer, reused */
 	size_t rec_cap;
 	double commit_per_row;     /* seconds a delete's commit took per row deleted, averaged */
+	int auto_vacuum;           /* the file's mode: 2 (incremental) unless made elsewhere */
 } archive_db;
 
 /* ---------------------------------------------------------------- growable text */
@@ -692,7 +694,7 @@ static void *checkpointer_main(void *arg) {
 	pthread_mutex_lock(&c->lock);
 	while(!c->stop) {
 		unsigned long target;
-		int due;
+		int due, sync_failed;
 		if(!c->wal_full && c->requested == c->synced) {
 			struct timespec until;
 			double whole, frac = modf(next_checkpoint, &whole);
@@ -707,8 +709,7 @@ static void *checkpointer_main(void *arg) {
 		c->wal_full = 0;
 		pthread_mutex_unlock(&c->lock);
 		/* one fsync serves every ticket taken so far: group commit */
-		if(target != c->synced)
-			sync_wal(db);
+		sync_failed = target != c->synced && sync_wal(db) != 0;
 		if(due) {
 			/* appends still waiting in an open batch: their records in the log are what
 			 * a power cut would keep, so they get the same window as the WAL */
@@ -720,6 +721,14 @@ static void *checkpointer_main(void *arg) {
 			next_checkpoint = pn_monotonic() + c->interval;
 		}
 		pthread_mutex_lock(&c->lock);
+		/* A failed fsync fails its tickets for good: a later one that succeeds says
+		 * nothing of pages the kernel may have dropped after the error. Failures in a
+		 * row make one range, so a waiter that looks late still sees its own. */
+		if(sync_failed) {
+			if(c->failed_to != c->synced)
+				c->failed_from = c->synced;
+			c->failed_to = target;
+		}
 		c->synced = target;
 		pthread_cond_broadcast(&c->synced_cond);
 	}
@@ -739,7 +748,7 @@ static int checkpointer_start(struct checkpointer *c, const char *path, double i
 	c->stop = 0;
 	c->wal_full = 0;
 	c->failed = 0;
-	c->requested = c->synced = 0;
+	c->requested = c->synced = c->failed_from = c->failed_to = 0;
 	pthread_mutex_init(&c->lock, NULL);
 	pthread_condattr_init(&attr);
 	pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
@@ -904,6 +913,19 @@ static const char *const SCHEMA[] = {
 	NULL
 };
 
+/* The file's auto_vacuum mode, which PRAGMA auto_vacuum = INCREMENTAL cannot change once
+ * it has tables: one copied with `sqlite3 .dump` or VACUUMed elsewhere may be in another. */
+static int read_auto_vacuum(archive_db *a) {
+	sqlite3_stmt *st = stmt_get(a, "PRAGMA auto_vacuum");
+	int rc;
+	if(!st)
+		return -1;
+	rc = sqlite3_step(st);
+	a->auto_vacuum = rc == SQLITE_ROW ? sqlite3_column_int(st, 0) : 0;
+	sqlite3_reset(st);
+	return rc == SQLITE_ROW ? 0 : -1;
+}
+
 static const char *open_database(archive_db *a, const char *path, int durable, int busy_ms, int *readonly) {
 	int i, version = -1;
 	sqlite3_stmt *st;
@@ -946,7 +968,7 @@ static const char *open_database(archive_db *a, const char *path, int durable, i
 	/* Opening again after db:detach() needs no write lock (another process may hold
 	 * it): the schema was settled at the first open. */
 	if(a->detached && version == SCHEMA_VERSION)
-		return NULL;
+		return read_auto_vacuum(a) < 0 ? "read" : NULL;
 	if(exec_sql(a, "BEGIN IMMEDIATE") != SQLITE_OK)
 		return "schema";
 	for(i = 0; SCHEMA[i]; i++) {
@@ -957,7 +979,7 @@ static const char *open_database(archive_db *a, const char *path, int durable, i
 		return "schema";
 	/* Keeps the planner's statistics fresh for the with/when choices (cheap at open). */
 	exec_sql(a, "PRAGMA optimize = 0x10002");
-	return NULL;
+	return read_auto_vacuum(a) < 0 ? "read" : NULL;
 }
 
 /* archive.open(path, options?) -> db | nil, err, code
@@ -1559,6 +1581,8 @@ static int batching(const archive_db *a) {
 }
 
 static unsigned long sync_request(struct checkpointer *c);
+/* ticket_state(): 1 synced, 0 not yet, or one of these */
+enum { TICKET_NO_THREAD = -1, TICKET_FSYNC_FAILED = -2 };
 static int ticket_state(archive_db *a, lua_Integer ticket, int wait);
 
 /* Past this, the next commit moves on to the other log. */
@@ -1570,10 +1594,17 @@ static int ticket_state(archive_db *a, lua_Integer ticket, int wait);
  * sync thread is held up, say by a long checkpoint), this log grows meanwhile: the
  * main loop never waits for it. */
 static void log_rotate(archive_db *a) {
-	int next = 1 - a->log_cur;
+	int next = 1 - a->log_cur, state;
 	if(a->log_size[a->log_cur] < LOG_SWITCH_BYTES || !a->ckpt.running)
 		return;
-	if(ticket_state(a, (lua_Integer)a->log_ticket[next], 0) != 1)
+	state = ticket_state(a, (lua_Integer)a->log_ticket[next], 0);
+	if(state == TICKET_FSYNC_FAILED) {
+		/* its records may not be on disk but in the log: asks again, meanwhile this
+		 * log grows */
+		a->log_ticket[next] = sync_request(&a->ckpt);
+		return;
+	}
+	if(state != 1)
 		return;
 	a->log_ticket[a->log_cur] = sync_request(&a->ckpt);
 	a->log_size[next] = 0;
@@ -1684,59 +1715,83 @@ struct query {
 	int n_ids;
 	/* resolved while running */
 	sqlite3_int64 after_seq, before_seq;
+	char error[96];  /* why read_query refused the query */
 };
 
-static const char *opt_string_field(lua_State *L, int t, const char *field, size_t *len) {
-	const char *s = NULL;
+/* Query fields come from clients, through mod_mam (RSM <max/>), mod_muc_mam (<history
+ * maxstanzas/>) and the like: a bad one is an expected failure, never a Lua error. */
+static int query_error(struct query *q, const char *field, const char *problem) {
+	snprintf(q->error, sizeof q->error, "query field '%s' %s", field, problem);
+	return -1;
+}
+
+static int opt_string_field(lua_State *L, int t, const char *field, struct query *q, const char **s, size_t *len) {
+	*s = NULL;
 	*len = 0;
 	if(lua_getfield(L, t, field) != LUA_TNIL) {
-		if(lua_type(L, -1) != LUA_TSTRING)
-			luaL_error(L, "query field '%s' must be a string, not a %s", field, luaL_typename(L, -1));
-		s = lua_tolstring(L, -1, len);
+		if(lua_type(L, -1) != LUA_TSTRING) {
+			snprintf(q->error, sizeof q->error, "query field '%s' must be a string, not a %s", field,
+				luaL_typename(L, -1));
+			lua_pop(L, 1);
+			return -1;
+		}
+		*s = lua_tolstring(L, -1, len);
 	}
 	/* The string stays reachable from the query table for the whole call. */
 	lua_pop(L, 1);
-	return s;
+	return 0;
 }
 
-static int opt_number(lua_State *L, int t, const char *field, double *out) {
+/* 1 when present, 0 when absent, -1 when not a number. */
+static int opt_number(lua_State *L, int t, const char *field, struct query *q, double *out) {
 	int isnum;
 	if(lua_getfield(L, t, field) == LUA_TNIL) {
 		lua_pop(L, 1);
 		return 0;
 	}
 	*out = lua_tonumberx(L, -1, &isnum);
-	if(!isnum || isnan(*out))
-		luaL_error(L, "query field '%s' must be a number", field);
 	lua_pop(L, 1);
+	if(!isnum || isnan(*out))
+		return query_error(q, field, "must be a number");
 	return 1;
 }
 
-static int opt_integer(lua_State *L, int t, const char *field, lua_Integer *out) {
+static int opt_integer(lua_State *L, int t, const char *field, struct query *q, lua_Integer *out) {
 	double d;
-	if(!opt_number(L, t, field, &d))
-		return 0;
+	int rc = opt_number(L, t, field, q, &d);
+	if(rc <= 0)
+		return rc;
 	if(d != floor(d) || d < 0 || d > 9.0e15)
-		luaL_error(L, "query field '%s' must be a non-negative integer", field);
+		return query_error(q, field, "must be a non-negative integer");
 	*out = (lua_Integer)d;
 	return 1;
 }
 
-/* Reads the query table at idx (or none) into q; raises on malformed fields. */
-static void read_query(lua_State *L, int idx, struct query *q) {
+/* Reads the query table at idx (or none) into q; -1 with q->error for a malformed
+ * field. A limit is a maximum, so a fractional one means the integer below it (RSM
+ * <max>2.5</max>: at most 2 items); a negative one is refused rather than read as "no
+ * limit", which would send a whole room archive as MUC history. */
+static int read_query(lua_State *L, int idx, struct query *q) {
+	double limit;
 	memset(q, 0, sizeof *q);
 	if(lua_isnoneornil(L, idx))
-		return;
+		return 0;
 	luaL_checktype(L, idx, LUA_TTABLE);
-	q->key = opt_string_field(L, idx, "key", &q->key_len);
-	q->with = opt_string_field(L, idx, "with", &q->with_len);
-	q->before = opt_string_field(L, idx, "before", &q->before_len);
-	q->after = opt_string_field(L, idx, "after", &q->after_len);
-	q->has_start = opt_number(L, idx, "start", &q->start);
-	q->has_end = opt_number(L, idx, "end", &q->end);
-	q->has_limit = opt_integer(L, idx, "limit", &q->limit);
-	q->has_truncate = opt_integer(L, idx, "truncate", &q->truncate);
-	q->has_cursor = opt_integer(L, idx, "cursor", &q->cursor);
+	if(opt_string_field(L, idx, "key", q, &q->key, &q->key_len) < 0
+			|| opt_string_field(L, idx, "with", q, &q->with, &q->with_len) < 0
+			|| opt_string_field(L, idx, "before", q, &q->before, &q->before_len) < 0
+			|| opt_string_field(L, idx, "after", q, &q->after, &q->after_len) < 0
+			|| (q->has_start = opt_number(L, idx, "start", q, &q->start)) < 0
+			|| (q->has_end = opt_number(L, idx, "end", q, &q->end)) < 0
+			|| (q->has_limit = opt_number(L, idx, "limit", q, &limit)) < 0
+			|| (q->has_truncate = opt_integer(L, idx, "truncate", q, &q->truncate)) < 0
+			|| (q->has_cursor = opt_integer(L, idx, "cursor", q, &q->cursor)) < 0)
+		return -1;
+	if(q->has_limit) {
+		if(limit < 0)
+			return query_error(q, "limit", "must not be negative");
+		q->limit = limit > 9.0e15 ? (lua_Integer)9.0e15 : (lua_Integer)floor(limit);
+	}
 	lua_getfield(L, idx, "reverse");
 	q->reverse = lua_toboolean(L, -1);
 	lua_getfield(L, idx, "total");
@@ -1744,14 +1799,18 @@ static void read_query(lua_State *L, int idx, struct query *q) {
 	lua_pop(L, 2);
 	if(lua_getfield(L, idx, "ids") != LUA_TNIL) {
 		lua_Integer i, n;
-		luaL_checktype(L, -1, LUA_TTABLE);
+		if(!lua_istable(L, -1))
+			return query_error(q, "ids", "must be an array of strings");
 		n = (lua_Integer)lua_rawlen(L, -1);
-		if(n > MAX_IDS)
-			luaL_error(L, "query field 'ids' has more than %d ids", MAX_IDS);
+		if(n > MAX_IDS) {
+			snprintf(q->error, sizeof q->error, "query field 'ids' has more than %d ids", MAX_IDS);
+			return -1;
+		}
 		for(i = 1; i <= n; i++) {
-			if(lua_rawgeti(L, -1, i) != LUA_TSTRING)
-				luaL_error(L, "query field 'ids' must hold strings");
+			int type = lua_rawgeti(L, -1, i);
 			lua_pop(L, 1);
+			if(type != LUA_TSTRING)
+				return query_error(q, "ids", "must hold strings");
 		}
 		/* Left on the stack for binding. */
 		q->ids = lua_gettop(L);
@@ -1759,6 +1818,7 @@ static void read_query(lua_State *L, int idx, struct query *q) {
 	} else {
 		lua_pop(L, 1);
 	}
+	return 0;
 }
 
 /* A WHERE clause and its bound values, built once and used for SELECT, COUNT and
@@ -1960,7 +2020,8 @@ static int Larchive_find(lua_State *L) {
 	int rows, n = 0, mt, rc, range, own;
 	char tail[64];
 
-	read_query(L, 5, &q);
+	if(read_query(L, 5, &q) < 0)
+		return pn_fail(L, q.error, "bad-request");
 	if((rc = gate(L, a, GATE_READ)))
 		return rc;
 	/* inside an open batch the reads already share one snapshot */
@@ -2378,9 +2439,47 @@ static int delete_owner(lua_State *L, archive_db *a, struct query q, sqlite3_int
 	}
 }
 
-/* db:delete(host, store, user | true, query?, budget?) -> deleted, more | nil, err, code
+/* Owners of a wildcard delete are listed this many at a time. */
+#define OWNER_CHUNK 256
+
+/* Pushes the ids and the users (two arrays) of up to OWNER_CHUNK owners of (host,
+ * store) holding items, in user order, after the user at stack index `from` (from the
+ * first when it is nil). Returns how many, or -1. */
+static int owners_after(lua_State *L, archive_db *a, const char *host, const char *store, int from) {
+	sqlite3_stmt *st;
+	int n = 0, rc;
+	st = stmt_get(a, lua_isnil(L, from)
+		? "SELECT id, user FROM owners WHERE host = ?1 AND store = ?2 AND items > 0 ORDER BY user LIMIT ?3"
+		: "SELECT id, user FROM owners WHERE host = ?1 AND store = ?2 AND user > ?4 AND items > 0"
+		  " ORDER BY user LIMIT ?3");
+	if(!st)
+		return -1;
+	sqlite3_bind_text(st, 1, host, -1, SQLITE_TRANSIENT);
+	sqlite3_bind_text(st, 2, store, -1, SQLITE_TRANSIENT);
+	sqlite3_bind_int(st, 3, OWNER_CHUNK);
+	if(!lua_isnil(L, from)) {
+		size_t len;
+		const char *user = lua_tolstring(L, from, &len);
+		sqlite3_bind_text(st, 4, user, (int)len, SQLITE_TRANSIENT);
+	}
+	lua_createtable(L, OWNER_CHUNK, 0);
+	lua_createtable(L, OWNER_CHUNK, 0);
+	while((rc = sqlite3_step(st)) == SQLITE_ROW) {
+		n++;
+		lua_pushinteger(L, sqlite3_column_int64(st, 0));
+		lua_rawseti(L, -3, n);
+		lua_pushlstring(L, (const char *)sqlite3_column_text(st, 1), (size_t)sqlite3_column_bytes(st, 1));
+		lua_rawseti(L, -2, n);
+	}
+	sqlite3_reset(st);
+	return rc == SQLITE_DONE ? n : -1;
+}
+
+/* db:delete(host, store, user | true, query?, budget?, from?) -> deleted, more, resume | nil, err, code
  * user == true deletes from every owner of (host, store). Works for at most `budget`
- * seconds (default: no limit) in one transaction; `more` says whether to call again. */
+ * seconds (default: no limit) in one transaction; `more` says whether to call again.
+ * For user == true, `resume` says where this call stopped: the next call takes it as
+ * `from` and goes on from there. */
 static int Larchive_delete(lua_State *L) {
 	archive_db *a = check_db(L);
 	int g;
@@ -2392,11 +2491,15 @@ static int Larchive_delete(lua_State *L) {
 	double deadline = budget < 0 ? HUGE_VAL : pn_monotonic() + budget;
 	struct query q;
 	lua_Integer deleted = 0;
-	int more = 0, unknown_id = 0;
+	int more = 0, unknown_id = 0, resume = 0;
 	sqlite3_int64 owner;
 	double started;
 
-	read_query(L, 5, &q);
+	luaL_argexpected(L, lua_isnoneornil(L, 7) || lua_type(L, 7) == LUA_TSTRING, 7, "string or nil");
+	/* what read_query leaves on the stack goes above every argument */
+	lua_settop(L, 7);
+	if(read_query(L, 5, &q) < 0)
+		return pn_fail(L, q.error, "bad-request");
 	if((g = gate(L, a, GATE_ALONE)))
 		return g;
 	if(exec_sql(a, "BEGIN IMMEDIATE") != SQLITE_OK)
@@ -2412,33 +2515,38 @@ static int Larchive_delete(lua_State *L) {
 			unknown_id = 1;
 		}
 	} else {
-		/* Owners are few next to items; list them first so no read stays open
-		 * while deleting. */
-		sqlite3_stmt *st = stmt_get(a, "SELECT id FROM owners WHERE host = ?1 AND store = ?2 AND items > 0");
-		int n = 0, i, rc, ids;
-		if(!st)
-			return db_error(L, a);
-		sqlite3_bind_text(st, 1, host, -1, SQLITE_TRANSIENT);
-		sqlite3_bind_text(st, 2, store, -1, SQLITE_TRANSIENT);
-		lua_newtable(L);
-		ids = lua_gettop(L);
-		while((rc = sqlite3_step(st)) == SQLITE_ROW) {
-			lua_pushinteger(L, sqlite3_column_int64(st, 0));
-			lua_rawseti(L, ids, ++n);
-		}
-		sqlite3_reset(st);
-		if(rc != SQLITE_DONE)
-			return db_error(L, a);
-		for(i = 1; i <= n && !more; i++) {
-			int unknown_here = 0;
-			lua_rawgeti(L, ids, i);
-			owner = lua_tointeger(L, -1);
-			lua_pop(L, 1);
-			more = delete_owner(L, a, q, owner, deadline, &deleted, &unknown_here);
-			if(more < 0)
+		/* Owners are taken in user order from where the last call stopped. Started from
+		 * the first owner every time, each slice probed again every owner already done
+		 * (its newer items kept): with a few thousand of them that took the whole slice,
+		 * and deleting never ended. Listed a chunk at a time, so no read stays open while
+		 * deleting. `resume` is the last owner done: one cut short by the deadline is
+		 * taken again by the next call, which finds its rows deleted so far gone. */
+		lua_pushvalue(L, 7);
+		resume = lua_gettop(L);
+		for(;;) {
+			int n = owners_after(L, a, host, store, resume), i, users = lua_gettop(L);
+			if(n < 0)
 				return db_error(L, a);
-			if(!more && i < n && pn_monotonic() >= deadline)
-				more = 1;
+			for(i = 1; i <= n; i++) {
+				int unknown_here = 0;
+				lua_rawgeti(L, users - 1, i);
+				owner = lua_tointeger(L, -1);
+				lua_pop(L, 1);
+				more = delete_owner(L, a, q, owner, deadline, &deleted, &unknown_here);
+				if(more < 0)
+					return db_error(L, a);
+				if(more)
+					break;
+				lua_rawgeti(L, users, i);
+				lua_replace(L, resume);
+				if(pn_monotonic() >= deadline) {
+					more = i < n || n == OWNER_CHUNK;
+					break;
+				}
+			}
+			lua_settop(L, resume);
+			if(more || n < OWNER_CHUNK)
+				break;
 		}
 	}
 	started = pn_monotonic();
@@ -2452,7 +2560,11 @@ static int Larchive_delete(lua_State *L) {
 		return pn_fail(L, "item-not-found", "item-not-found");
 	lua_pushinteger(L, deleted);
 	lua_pushboolean(L, more);
-	return 2;
+	if(resume && more)
+		lua_pushvalue(L, resume);
+	else
+		lua_pushnil(L);
+	return 3;
 }
 
 /* ---------------------------------------------------------------- listings */
@@ -2470,7 +2582,8 @@ static int Larchive_summary(lua_State *L) {
 	sqlite3_stmt *st;
 	int rc, range;
 
-	read_query(L, 5, &q);
+	if(read_query(L, 5, &q) < 0)
+		return pn_fail(L, q.error, "bad-request");
 	if((g = gate(L, a, GATE_READ)))
 		return g;
 	lua_newtable(L);
@@ -2625,29 +2738,41 @@ static int free_pages(archive_db *a, sqlite3_int64 *left) {
 	return rc == SQLITE_ROW ? 0 : -1;
 }
 
-/* db:vacuum_step(budget?) -> free pages left | nil, err, code
+/* db:vacuum_step(budget?) -> free pages left, pages returned | nil, err, code
  * Returns free pages to the file system (incremental vacuum) for about `budget`
- * seconds (default 0.01), a few pages per transaction. */
+ * seconds (default 0.01), a few pages per transaction; stops early when a step returns
+ * none. Fails with code "not-incremental" when the file is not in incremental
+ * auto-vacuum mode: there a step returns nothing, ever, and "free pages left" never
+ * falls, so a caller looping until it is 0 would loop for good. */
 static int Larchive_vacuum_step(lua_State *L) {
 	archive_db *a = check_db(L);
 	int g;
 	double budget = luaL_optnumber(L, 2, 0.01);
 	double deadline = pn_monotonic() + budget;
-	sqlite3_int64 left = 0;
+	sqlite3_int64 left = 0, first, before;
+	if(a->auto_vacuum != 2) {
+		char msg[128];
+		snprintf(msg, sizeof msg, "the database is not in incremental auto-vacuum mode (auto_vacuum = %d)",
+			a->auto_vacuum);
+		return pn_fail(L, msg, "not-incremental");
+	}
 	if((g = gate(L, a, GATE_ALONE)))
 		return g;
-	do {
-		if(free_pages(a, &left) < 0)
-			return db_error(L, a);
-		if(left == 0)
-			break;
-		if(exec_sql(a, "PRAGMA incremental_vacuum(16)") != SQLITE_OK)
-			return db_error(L, a);
-	} while(pn_monotonic() < deadline);
 	if(free_pages(a, &left) < 0)
 		return db_error(L, a);
+	first = left;
+	while(left > 0) {
+		before = left;
+		if(exec_sql(a, "PRAGMA incremental_vacuum(16)") != SQLITE_OK)
+			return db_error(L, a);
+		if(free_pages(a, &left) < 0)
+			return db_error(L, a);
+		if(left >= before || pn_monotonic() >= deadline)
+			break;
+	}
 	lua_pushinteger(L, left);
-	return 1;
+	lua_pushinteger(L, first - left);
+	return 2;
 }
 
 /* db:backup(path) -> true | nil, err, code
@@ -2710,7 +2835,8 @@ static int Larchive_check(lua_State *L) {
 	return 2;
 }
 
-/* db:stats() -> { items, owners, pages, free_pages, page_size, wal_bytes } */
+/* db:stats() -> { items, owners, pages, free_pages, page_size, wal_bytes, path, auto_vacuum,
+ * batching, pending } */
 static int Larchive_stats(lua_State *L) {
 	archive_db *a = check_db(L);
 	int g;
@@ -2752,6 +2878,8 @@ static int Larchive_stats(lua_State *L) {
 		lua_pushstring(L, file);
 		lua_setfield(L, -2, "path");
 	}
+	lua_pushstring(L, a->auto_vacuum == 2 ? "incremental" : a->auto_vacuum == 1 ? "full" : "none");
+	lua_setfield(L, -2, "auto_vacuum");
 	lua_pushboolean(L, batching(a));
 	lua_setfield(L, -2, "batching");
 	lua_pushinteger(L, a->batch_count);
@@ -2783,9 +2911,22 @@ static int ticket_state(archive_db *a, lua_Integer ticket, int wait) {
 	pthread_mutex_lock(&c->lock);
 	while(wait && !c->failed && c->synced < (unsigned long)ticket)
 		pthread_cond_wait(&c->synced_cond, &c->lock);
-	state = c->failed ? -1 : c->synced >= (unsigned long)ticket;
+	if(c->failed)
+		state = TICKET_NO_THREAD;
+	else if(c->synced < (unsigned long)ticket)
+		state = 0;
+	else if((unsigned long)ticket > c->failed_from && (unsigned long)ticket <= c->failed_to)
+		state = TICKET_FSYNC_FAILED;
+	else
+		state = 1;
 	pthread_mutex_unlock(&c->lock);
 	return state;
+}
+
+static int ticket_failed(lua_State *L, int state) {
+	if(state == TICKET_NO_THREAD)
+		return pn_fail(L, "the sync thread could not open the database", "sync-failed");
+	return pn_fail(L, "the archive database could not be synced to disk (fsync failed)", "io-error");
 }
 
 /* db:synced(ticket) -> boolean | nil, err, code */
@@ -2793,7 +2934,7 @@ static int Larchive_synced(lua_State *L) {
 	archive_db *a = check_db(L);
 	int state = ticket_state(a, luaL_checkinteger(L, 2), 0);
 	if(state < 0)
-		return pn_fail(L, "the sync thread could not open the database", "sync-failed");
+		return ticket_failed(L, state);
 	lua_pushboolean(L, state);
 	return 1;
 }
@@ -2801,8 +2942,9 @@ static int Larchive_synced(lua_State *L) {
 /* db:wait_synced(ticket) -> true | nil, err, code  (blocks the calling thread) */
 static int Larchive_wait_synced(lua_State *L) {
 	archive_db *a = check_db(L);
-	if(ticket_state(a, luaL_checkinteger(L, 2), 1) < 0)
-		return pn_fail(L, "the sync thread could not open the database", "sync-failed");
+	int state = ticket_state(a, luaL_checkinteger(L, 2), 1);
+	if(state < 0)
+		return ticket_failed(L, state);
 	lua_pushboolean(L, 1);
 	return 1;
 }

@@ -63,6 +63,22 @@ if not db then
 	module:log("info", "Archive database %s (SQLite %s, durability %s)", db_path, engine.sqlite_version(), durability);
 end
 
+-- Whether freed pages can go back to the file system, per database file: decided when
+-- the file was created (a copy made with `sqlite3 .dump` is not in incremental mode),
+-- and nothing but a full VACUUM changes it.
+local CONVERT = "stop Prosody and run: sqlite3 %s 'PRAGMA auto_vacuum = INCREMENTAL; VACUUM;'";
+local vacuum_state = module:shared("/*/storage_native/vacuum");
+if vacuum_state[db_path] == nil then
+	local stats = db:stats();
+	if stats then
+		vacuum_state[db_path] = stats.auto_vacuum == "incremental";
+		if not vacuum_state[db_path] then
+			module:log("warn", "Archive database %s is not in incremental auto-vacuum mode: space freed by deletes is"
+				.. " reused but not returned to the file system. To convert it, " .. CONVERT, db_path, db_path);
+		end
+	end
+end
+
 -- durations and deadlines: a clock that never jumps
 local clock = require "util.time".monotonic;
 
@@ -114,11 +130,15 @@ local m_items = module:metric("gauge", "items", "", "Items in the archive databa
 local m_bytes = module:metric("gauge", "database_size", "bytes", "Size of the archive database file", {});
 local m_errors = module:metric("counter", "errors", "", "Engine operations that failed", { "op" });
 
--- Expected outcomes (item-not-found, quota-limit) pass quietly; the rest is logged.
+-- Expected outcomes (item-not-found, quota-limit, a client's bad query value) pass
+-- quietly; the rest is logged.
+local quiet = { ["item-not-found"] = true; ["quota-limit"] = true; ["bad-request"] = true };
 local function failed(op, err, code)
 	m_errors:with_labels(op):add(1);
-	if code ~= "item-not-found" and code ~= "quota-limit" then
+	if not quiet[code] then
 		module:log("error", "Archive %s failed: %s", op, err);
+	elseif code == "bad-request" then
+		module:log("debug", "Archive %s refused: %s", op, err);
 	end
 	return nil, code or err;
 end
@@ -229,14 +249,24 @@ local function engine_query(query, limit)
 	};
 end
 
+-- mod_mam and mod_muc_mam call find() unprotected: it must answer nil, err, never
+-- raise (the engine refuses a bad query value with "bad-request"; it raises only for
+-- what is no caller's fault, a corrupt value, say).
+local function engine_find(user, store, q)
+	local ok, rows, n, total, last = pcall(db.find, db, store_host, store, user, q);
+	if not ok then return nil, rows; end
+	return rows, n, total, last;
+end
+
 function archive_store:find(username, query)
 	query = query or {};
 	local user, store = username or "", self.store;
 	local wanted = query.limit; -- nil: everything, in pages
-	local q = engine_query(query, wanted and math.min(wanted, PAGE) or PAGE);
-	if wanted == 0 then q.limit = 0; end
+	if type(wanted) == "string" then wanted = tonumber(wanted) or wanted; end -- as mod_storage_sql takes it
+	-- the engine judges (and rounds down) the caller's limit; only a larger one is cut to a page
+	local q = engine_query(query, type(wanted) == "number" and wanted > PAGE and PAGE or wanted or PAGE);
 	local t0 = clock();
-	local rows, n, total, last = db:find(store_host, store, user, q);
+	local rows, n, total, last = engine_find(user, store, q);
 	m_find:sample(clock() - t0);
 	if not rows then return failed("find", n, total); end
 	local given, i = 0, 0;
@@ -245,7 +275,7 @@ function archive_store:find(username, query)
 		q.total, q.cursor = nil, last;
 		q.limit = wanted and math.min(wanted - given, PAGE) or PAGE;
 		local err;
-		rows, n, err, last = db:find(store_host, store, user, q);
+		rows, n, err, last = engine_find(user, store, q);
 		if not rows then
 			failed("find", n, err);
 			n = 0;
@@ -281,29 +311,37 @@ function archive_store:set(username, key, value, when, with)
 	return ret;
 end
 
+-- Returns free pages to the file system in slices; stops as soon as a slice returns
+-- none, whatever is left (another process may hold pages back).
+local function reclaim_space()
+	if vacuum_state[db_path] == false then return; end
+	repeat
+		local left, returned, code = db:vacuum_step(slice);
+		if code == "not-incremental" then vacuum_state[db_path] = false; end
+		local again = left and left > 0 and returned > 0;
+		if again then yield_between_slices(); end
+	until not again
+end
+
 -- Deletes in slices of at most storage_native_delete_slice seconds each, so a huge
 -- expiry never stalls the server, then hands freed pages back to the file system.
 function archive_store:delete(username, query)
 	local user = username == true or username or "";
 	local q = query and engine_query(query) or {};
 	if query then q.truncate = query.truncate; end
-	local deleted = 0;
+	local deleted, resume = 0, nil;
 	repeat
 		local t0 = clock();
-		local count, more, code = write(db.delete, store_host, self.store, user, q, slice);
+		local count, more, after = write(db.delete, store_host, self.store, user, q, slice, resume);
 		m_delete:sample(clock() - t0);
-		if not count then return failed("delete", more, code); end
+		if not count then return failed("delete", more, after); end
 		deleted = deleted + count;
+		resume = after; -- user = true: the next slice goes on from the owner this one stopped at
 		if more then yield_between_slices(); end
 	until not more
 	local synced, serr, scode = durable();
 	if not synced then return failed("delete", serr, scode); end
-	if deleted > 0 then
-		repeat
-			local free = db:vacuum_step(slice);
-			if free and free > 0 then yield_between_slices(); end
-		until not free or free == 0
-	end
+	if deleted > 0 then reclaim_space(); end
 	return deleted;
 end
 
@@ -405,17 +443,35 @@ end
 
 function commands.stats()
 	local stats = assert(db:stats());
-	for _, k in ipairs({ "path", "items", "owners", "pages", "free_pages", "page_size", "wal_bytes" }) do
+	for _, k in ipairs({ "path", "items", "owners", "pages", "free_pages", "page_size", "wal_bytes", "auto_vacuum" }) do
 		print(("%-11s %s"):format(k, tostring(stats[k])));
 	end
 	return 0;
 end
 
 function commands.vacuum()
-	local free;
-	repeat free = db:vacuum_step(1); until not free or free == 0
-	print("free pages returned to the file system");
-	return 0;
+	local total = 0;
+	while true do
+		local left, returned, code = db:vacuum_step(1);
+		if not left then
+			local err = returned;
+			if code ~= "not-incremental" then
+				print("vacuum failed: " .. tostring(err));
+				return 1;
+			end
+			print(("%s: %s: its free pages are reused, but cannot be returned to the file system.")
+				:format(db_path, err));
+			print("To convert it, " .. CONVERT:format(db_path));
+			return 1;
+		end
+		total = total + returned;
+		-- a step that returns nothing would return nothing again
+		if left == 0 or returned == 0 then
+			print(("%s: %d free pages returned to the file system%s"):format(db_path, total,
+				left > 0 and (", %d left"):format(left) or ""));
+			return 0;
+		end
+	end
 end
 
 function commands.import(source, ...)

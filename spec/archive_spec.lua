@@ -262,16 +262,49 @@ describe("prosody_native.archive", function ()
 			assert.truthy(db:stats().wal_bytes < 64 * 1024 * 1024, db:stats().wal_bytes);
 		end);
 
-		it("raises on malformed query fields instead of guessing", function ()
+		it("refuses bad query values with nil, err, \"bad-request\" instead of raising", function ()
+			-- they come from clients: RSM <max>-3</max> reaches find() as limit = -2
 			local db = fresh();
-			assert.has_error(function () db:find("h", "s", "u", { limit = -1 }); end,
-				"query field 'limit' must be a non-negative integer");
-			assert.has_error(function () db:find("h", "s", "u", { start = "yesterday" }); end,
-				"query field 'start' must be a number");
-			assert.has_error(function () db:find("h", "s", "u", { ids = { 1 } }); end,
-				"query field 'ids' must hold strings");
-			assert.has_error(function () db:find("h", "s", "u", { with = {} }); end,
-				"query field 'with' must be a string, not a table");
+			assert(db:append("h", "s", "u", "k1", "v", 1, ""));
+			local many = {};
+			for i = 1, 4097 do many[i] = "id" .. i; end
+			local bad = {
+				{ { limit = -2 }, "query field 'limit' must not be negative" };
+				{ { limit = 0/0 }, "query field 'limit' must be a number" };
+				{ { limit = "many" }, "query field 'limit' must be a number" };
+				{ { start = "yesterday" }, "query field 'start' must be a number" };
+				{ { ["end"] = 0/0 }, "query field 'end' must be a number" };
+				{ { ids = { 1 } }, "query field 'ids' must hold strings" };
+				{ { ids = "k1" }, "query field 'ids' must be an array of strings" };
+				{ { ids = many }, "query field 'ids' has more than 4096 ids" };
+				{ { with = {} }, "query field 'with' must be a string, not a table" };
+				{ { truncate = 2.5 }, "query field 'truncate' must be a non-negative integer" };
+				{ { cursor = -1 }, "query field 'cursor' must be a non-negative integer" };
+			};
+			for _, case in ipairs(bad) do
+				for _, call in ipairs({
+					function (q) return db:find("h", "s", "u", q); end,
+					function (q) return db:summary("h", "s", "u", q); end,
+					function (q) return db:delete("h", "s", "u", q); end,
+					function (q) return db:delete("h", "s", true, q, 0.01); end,
+				}) do
+					assert.same({ nil, case[2], "bad-request" }, { call(case[1]) });
+				end
+			end
+			assert.equal(1, select(3, db:find("h", "s", "u", { limit = 0, total = true })));
+		end);
+
+		it("takes a limit as a maximum: a fractional one means the integer below it", function ()
+			local db = fresh();
+			for i = 1, 5 do assert(db:append("h", "s", "u", "k" .. i, "v", i, "")); end
+			local rows, n = db:find("h", "s", "u", { limit = 2.5 }); -- RSM <max>2.5</max>, MUC maxstanzas='2.5'
+			assert.equal(2, n);
+			assert.same({ "k1", "k2" }, { rows[1], rows[5] });
+			rows, n = db:find("h", "s", "u", { limit = 0.5, reverse = true });
+			assert.equal(0, n);
+			rows, n = db:find("h", "s", "u", { limit = math.huge, reverse = true });
+			assert.equal(5, n);
+			assert.equal("k5", rows[1]);
 		end);
 
 		it("deletes within a time budget and says when there is more", function ()
@@ -289,6 +322,65 @@ describe("prosody_native.archive", function ()
 			assert.is_true((db:check()));
 			local free = db:vacuum_step(60);
 			assert.equal(0, free);
+		end);
+
+		it("expires every owner of a store in slices that each go on where the last one stopped", function ()
+			-- as mod_mam's daily delete(true, { ["end"] = ... }) on a host of 3,000 users: every
+			-- owner keeps a newer item, so it stays listed once its expired ones are gone
+			local db = fresh({ batch = 1000, batch_delay = 60 });
+			for u = 1, 3000 do
+				local user = ("u%04d"):format(u);
+				for i = 1, 3 do assert(db:append("h", "s", user, nil, "old", i, "")); end
+				assert(db:append("h", "s", user, nil, "new", 1000, ""));
+			end
+			assert(db:append("h", "other", "u0001", nil, "old", 1, "")); -- another store: untouched
+			assert.equal(0, db:flush());
+			local total, calls, resume = 0, 0, nil;
+			repeat
+				local n, more, after = db:delete("h", "s", true, { ["end"] = 10 }, 0.001, resume);
+				assert(n > 0 or (after and (not resume or after > resume)),
+					("slice %d deleted nothing and got no further (%d deleted so far)"):format(calls + 1, total));
+				total, calls, resume = total + n, calls + 1, after;
+			until not more or calls > 10000
+			assert.equal(9000, total);
+			assert.equal(3001, db:stats().items);
+			assert.equal(3000, #db:users("h", "s"));
+			assert.is_true((db:check()));
+			-- without a budget, one call goes through every owner
+			assert.same({ 3000, false }, { db:delete("h", "s", true, { ["end"] = 1000 }) });
+			assert.equal(1, db:stats().items);
+		end);
+
+		it("refuses to vacuum, saying why, a file not in incremental auto-vacuum mode", function ()
+			local path = closed_fresh();
+			-- what a copy through `sqlite3 .dump | sqlite3` gives: PRAGMA auto_vacuum cannot
+			-- change it once there are tables
+			sqlite(path, "PRAGMA auto_vacuum = NONE; VACUUM;");
+			local db = assert(archive.open(path));
+			assert.equal("none", db:stats().auto_vacuum);
+			for i = 1, 500 do assert(db:append("h", "s", "u", nil, ("x"):rep(1000), i, "")); end
+			assert.equal(500, (db:delete("h", "s", "u")));
+			local free = db:stats().free_pages;
+			assert.truthy(free > 100, free);
+			local left, err, code = db:vacuum_step(0.01);
+			assert.is_nil(left);
+			assert.equal("not-incremental", code);
+			assert.equal("the database is not in incremental auto-vacuum mode (auto_vacuum = 0)", err);
+			assert.equal(free, db:stats().free_pages);
+			assert(db:detach());
+			assert.equal("none", db:stats().auto_vacuum); -- opened again: still known
+			db:close();
+		end);
+
+		it("returns free pages to the file system, saying how many", function ()
+			local db = fresh();
+			assert.equal("incremental", db:stats().auto_vacuum);
+			for i = 1, 500 do assert(db:append("h", "s", "u", nil, ("x"):rep(1000), i, "")); end
+			assert.equal(500, (db:delete("h", "s", "u")));
+			local free = db:stats().free_pages;
+			assert.truthy(free > 100, free);
+			assert.same({ 0, free }, { db:vacuum_step(60) });
+			assert.same({ 0, 0 }, { db:vacuum_step(60) });
 		end);
 
 		it("finds counters that disagree with the items", function ()

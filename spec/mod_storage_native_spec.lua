@@ -37,6 +37,22 @@ local function names(result, fixture, query)
 	return out;
 end
 
+-- Runs f(...), failing instead of hanging when it is still running after `seconds`.
+local function within(seconds, f, ...)
+	local now = require "util.time".monotonic;
+	local deadline = now() + seconds;
+	debug.sethook(function ()
+		if now() > deadline then
+			debug.sethook();
+			error(("still running after %g s"):format(seconds));
+		end
+	end, "", 10000);
+	local ret = table.pack(pcall(f, ...));
+	debug.sethook();
+	assert(ret[1], ret[2]);
+	return table.unpack(ret, 2, ret.n);
+end
+
 -- Stanzas compare by structure: attribute order in tostring() is table order.
 local function same_stanza(expected, got)
 	assert.same(st.preserialize(expected), st.preserialize(got));
@@ -300,6 +316,69 @@ describe("mod_storage_native", function ()
 			local items = collect(store, "slices", { limit = 0, total = true });
 			assert.equal(1500, items.total);
 			assert.equal(1501, collect(store, "slices", { limit = 1 })[1].when);
+		end);
+
+		it("answers bad query values from clients with nil, err, never raising", function ()
+			-- mod_mam asks for limit = <max> + 1 (RSM <max>-3</max>: -2), mod_muc_mam for
+			-- limit = maxstanzas; both call find() unprotected
+			for i = 1, 5 do assert(store:append("badq", "b" .. i, msg(i), i, "a@x")); end
+			local many = {};
+			for i = 1, 5000 do many[i] = "id" .. i; end
+			for _, query in ipairs({ { limit = -2 }, { limit = 0/0 }, { start = 0/0 }, { ids = many } }) do
+				local ok, iter, err = pcall(store.find, store, "badq", query);
+				assert.is_true(ok, iter);
+				assert.same({ nil, "bad-request" }, { iter, err });
+			end
+			assert.same({ nil, "bad-request" }, { store:delete("badq", { truncate = -1 }) });
+			assert.same({ nil, "bad-request" }, { store:delete(true, { ["end"] = 0/0 }) });
+			assert.equal(5, collect(store, "badq", { total = true, limit = 0 }).total);
+		end);
+
+		it("takes a fractional limit as the integer below it (RSM <max>2.5</max>)", function ()
+			for i = 1, 600 do assert(store:append("fraction", "f" .. i, "v" .. i, i, "a@x")); end
+			assert.same({ "f1", "f2" }, names(collect(store, "fraction", { limit = 2.5 }), {}));
+			assert.same({ "f600" }, names(collect(store, "fraction", { limit = 1.5, reverse = true }), {}));
+			-- more than one engine page
+			local items = collect(store, "fraction", { limit = 300.5 });
+			assert.equal(300, #items);
+			assert.equal("f300", items[300].key);
+		end);
+
+		it("expires a store of thousands of users, each keeping newer items, with one wildcard delete", function ()
+			-- as mod_mam's daily delete(true, { ["end"] = ... }); slices of 1 ms on this host
+			local many = assert(env.sm.open(NATIVE, "expiry-many", "archive"));
+			for u = 1, 3000 do
+				local user = ("user%04d"):format(u);
+				for i = 1, 3 do assert(many:append(user, nil, "old", i, "a@x")); end
+				assert(many:append(user, nil, "new", 1000, "a@x"));
+			end
+			assert.equal(9000, within(60, many.delete, many, true, { ["end"] = 10 }));
+			for _, user in ipairs({ "user0001", "user1500", "user3000" }) do
+				local items = collect(many, user);
+				assert.equal(1, #items);
+				assert.equal("new", items[1].value);
+			end
+			local users = 0;
+			for _ in many:users() do users = users + 1; end
+			assert.equal(3000, users);
+		end);
+
+		it("deletes from a database not in incremental auto-vacuum mode without vacuuming for ever", function ()
+			-- a database copied with `sqlite3 .dump | sqlite3`: PRAGMA auto_vacuum cannot change it
+			local path = env.data .. "/no-auto-vacuum.sqlite";
+			assert(require "prosody_native.archive".open(path)):close();
+			assert(os.execute(("sqlite3 %q 'PRAGMA auto_vacuum = NONE; VACUUM;'"):format(path)));
+			assert(env.activate("no-vacuum.test", { storage = "native"; storage_native_path = path;
+				storage_native_delete_slice = 0.001 }, "native"));
+			local s = assert(env.sm.open("no-vacuum.test", "archive", "archive"));
+			for i = 1, 300 do assert(s:append("u", nil, msg(i, ("x"):rep(1000)), i, "a@x")); end
+			assert.equal(300, within(30, s.delete, s, "u"));
+			assert.equal(0, select(2, s:find("u", { limit = 0, total = true })));
+			local p = assert(io.popen(("sqlite3 %q 'PRAGMA auto_vacuum; PRAGMA freelist_count;'"):format(path)));
+			local mode, free = p:read("n", "n");
+			p:close();
+			assert.equal(0, mode);
+			assert.truthy(free > 50, free); -- kept for reuse
 		end);
 
 		it("enforces storage_archive_item_limit with quota-limit", function ()

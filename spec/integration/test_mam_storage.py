@@ -452,6 +452,13 @@ def test_malformed_queries(server):
             # a non-numeric max falls back to the default page size (20)
             nan = await mam_query(c, rsm={"max": "many"})
             assert nan.bodies == ["a", "b", "c"] and nan.complete
+            # max=-3 asks the driver for limit -2, which it refuses (nil, err): mod_mam answers with an error
+            # (an exception inside the driver would leave the query unanswered)
+            assert await outcome(c, rsm={"max": -3}) == ("cancel", "internal-server-error")
+            # max=2.5: limit 3.5, taken as at most 3 items; mod_mam shows 2 and says there are more
+            frac = await mam_query(c, rsm={"max": "2.5"})
+            assert frac.bodies == ["a", "b"] and not frac.complete
+            assert frac.count == 3
         finally:
             await c.close()
 
@@ -488,6 +495,35 @@ def test_muc_archive_and_late_joiner(server):
                 assert last.bodies == bodies[2:]
                 after = await mam_query(b, to=room, rsm={"max": 10, "after": room_ids[0]})
                 assert after.bodies == bodies[1:]
+            finally:
+                await b.close()
+        finally:
+            await a.close()
+
+    run(main())
+
+
+def test_muc_history_with_a_fractional_maxstanzas(server):
+    """<history maxstanzas='3.5'/> beyond the room's in-memory history: mod_muc_mam asks the driver for limit 3.5,
+    read as at most 3 items (as the in-memory history reads it)."""
+    alice, bob = fresh_users(server, "alice", "bob")
+    room = f"fraction{next(_names)}@{harness.MUC_DOMAIN}"
+    bodies = ["f1", "f2", "f3"]
+
+    async def main():
+        a = await connect(server, alice)
+        try:
+            await asyncio.wait_for(a["xep_0045"].join_muc_wait(room, "alice", maxstanzas=0), 15)
+            for body in bodies:
+                a.send_message(mto=room, mbody=body, mtype="groupchat")
+                assert (await a.next_groupchat())["body"] == body
+            b = await connect(server, bob)
+            try:
+                await asyncio.wait_for(b["xep_0045"].join_muc_wait(room, "bob", maxstanzas=3.5), 15)
+                got = [(await b.next_groupchat())["body"] for _ in bodies]
+                assert got == bodies
+                a.send_message(mto=room, mbody="live", mtype="groupchat")
+                assert (await b.next_groupchat())["body"] == "live"  # and nothing else came in between
             finally:
                 await b.close()
         finally:

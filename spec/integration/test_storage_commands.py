@@ -1,5 +1,6 @@
 """prosodyctl mod_storage_native commands against a running server: import from another
 driver (keys, times and peers kept, resumable), check, stats, backup."""
+import re
 import sqlite3
 
 import harness
@@ -68,6 +69,50 @@ def test_check_stats_and_online_backup(prosody_factory):
     res = server.prosodyctl("mod_storage_native", "backup", str(copy), check=False)
     assert res.returncode == 1
     assert "backup failed" in res.stdout.decode()
+
+
+def test_vacuum_and_a_database_restored_without_incremental_auto_vacuum(prosody_factory):
+    """A database copied with `sqlite3 .dump | sqlite3` (or VACUUMed with auto_vacuum off) is not in incremental
+    auto-vacuum mode, and PRAGMA auto_vacuum cannot change that once it has tables. Deletes still return, the
+    vacuum command says why it cannot return free pages and how to convert the file; once converted, it does."""
+    server = prosody_factory(storage={"archive": "native"}, users=[("alice", "pw")])
+    append = (f'local a = {STORE}.open("localhost", "archive", "archive"); for i = 1, 300 do '
+              'assert(a:append("alice", nil, require"util.stanza".message():text_tag("body", ("x"):rep(1000)), i, '
+              '"bob@localhost")) end; return "ok"')
+    delete = f'return (select(1, {STORE}.open("localhost", "archive", "archive"):delete("alice")))'
+    assert server.shell_result(append) == "ok"
+    server.stop()
+    with sqlite3.connect(server.native_db_path(), isolation_level=None) as db:
+        db.execute("PRAGMA auto_vacuum = NONE")
+        db.execute("VACUUM")
+        assert db.execute("PRAGMA auto_vacuum").fetchone()[0] == 0
+    db.close()
+    server.start()
+    assert server.shell_result(delete) == "300"  # no endless vacuuming after the delete
+    assert "not in incremental auto-vacuum mode" in server.log_text()
+    stats = server.prosodyctl("mod_storage_native", "stats").stdout.decode()
+    assert "auto_vacuum none" in stats
+    assert int(re.search(r"free_pages\s+(\d+)", stats).group(1)) > 50
+    res = server.prosodyctl("mod_storage_native", "vacuum", check=False)
+    out = res.stdout.decode()
+    assert res.returncode == 1, out
+    assert "not in incremental auto-vacuum mode (auto_vacuum = 0)" in out
+    assert "PRAGMA auto_vacuum = INCREMENTAL; VACUUM;" in out
+
+    # the conversion it tells of, then the command does its work
+    server.stop()
+    with sqlite3.connect(server.native_db_path(), isolation_level=None) as db:
+        db.execute("PRAGMA auto_vacuum = INCREMENTAL")
+        db.execute("VACUUM")
+    db.close()
+    server.start()
+    assert server.shell_result(append) == "ok"
+    assert server.shell_result(delete) == "300"  # the driver returns the freed pages itself
+    stats = server.prosodyctl("mod_storage_native", "stats").stdout.decode()
+    assert "auto_vacuum incremental" in stats
+    assert "free_pages  0" in stats
+    res = server.prosodyctl("mod_storage_native", "vacuum")
+    assert "0 free pages returned to the file system" in res.stdout.decode()
 
 
 def test_unknown_command_prints_usage(prosody_factory):
