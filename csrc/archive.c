@@ -52,6 +52,9 @@ struct checkpointer {
 	int stop;
 	int wal_full;      /* set by the writer when the WAL passed WAL_RESET_FRAMES */
 	int failed;        /* the thread could not open its connection */
+	int writing;       /* the engine's own connection is in a write transaction */
+	int restarting;    /* the thread is in a restarting checkpoint (its own field) */
+	int interval_changed; /* db:configure() gave a new interval */
 	/* Durability tickets: everything committed before ticket N was taken is on disk
 	 * once synced >= N, unless N is in (failed_from, failed_to]: the fsync meant to
 	 * cover it failed. */
@@ -91,6 +94,7 @@ typedef struct {
 	int log_cur;               /* the log being written */
 	int log_dirty;             /* the log holds appends the database lost (rolled back) */
 	int detached;              /* closed by db:detach(), opened again at the next use */
+	int writing;               /* what ckpt.writing was last set to */
 	uint64_t next_lsn;
 	unsigned char *rec;        /* record buffer, reused */
 	size_t rec_cap;
@@ -179,6 +183,21 @@ static int exec_sql(archive_db *a, const char *sql) {
 	return sqlite3_exec(a->db, sql, NULL, NULL, NULL);
 }
 
+/* Tells the checkpoint thread whether this connection is in a write transaction: a
+ * restarting checkpoint waits for the write lock while it is (it ends soon), and for
+ * nothing else. Set only once BEGIN IMMEDIATE succeeded and cleared only once the
+ * transaction ended, so the thread never waits for readers while holding the lock. */
+static void set_writing(archive_db *a, int writing) {
+	if(a->writing == writing)
+		return;
+	a->writing = writing;
+	if(!a->ckpt.running)
+		return;
+	pthread_mutex_lock(&a->ckpt.lock);
+	a->ckpt.writing = writing;
+	pthread_mutex_unlock(&a->ckpt.lock);
+}
+
 /* An earlier call may have been interrupted by a Lua error (out of memory while
  * pushing results): never let that leave a transaction or a read open. */
 static void recover(archive_db *a) {
@@ -188,6 +207,7 @@ static void recover(archive_db *a) {
 			sqlite3_reset(a->cache[i].stmt);
 	if(!sqlite3_get_autocommit(a->db))
 		exec_sql(a, "ROLLBACK");
+	set_writing(a, 0);
 }
 
 /* A stable code for the failures a caller may act on (retry, alert). */
@@ -216,6 +236,7 @@ static int db_error(lua_State *L, archive_db *a) {
 	lua_pushstring(L, error_code(code));
 	if(!sqlite3_get_autocommit(a->db))
 		exec_sql(a, "ROLLBACK");
+	set_writing(a, 0);
 	if(a->batch_open)
 		batch_lost(a);
 	return 3;
@@ -626,24 +647,44 @@ static void sync_db_file(sqlite3 *db) {
  * the database file: with nothing prepared, that fsync flushed everything the passive
  * pass had written and blocked the writer for 50-230 ms (measured during a 1,000,000
  * row expiry). So flush first, without a lock: the restart is left the frames that
- * came in meanwhile and a short fsync. */
-static void checkpoint(sqlite3 *db) {
+ * came in meanwhile and a short fsync.
+ * A restart also waits, write lock held, until no reader uses the WAL, and a reader
+ * may hold its snapshot for minutes (VACUUM INTO, a `sqlite3` shell in a transaction,
+ * Litestream): appends failed behind it. So while the passive pass could not copy
+ * every frame (a reader needs them) there is no restart -- the WAL grows until that
+ * reader is done, and a later pass catches up -- and a restart gives up at once when
+ * it finds a reader after all (poll_briefly). */
+static void checkpoint(struct checkpointer *c, sqlite3 *db) {
 	int frames = 0, copied = 0;
 	sqlite3_wal_checkpoint_v2(db, NULL, SQLITE_CHECKPOINT_PASSIVE, &frames, &copied);
-	if(frames <= WAL_RESET_FRAMES)
+	if(frames <= WAL_RESET_FRAMES || copied < frames)
 		return;
 	sync_db_file(db);
+	c->restarting = 1;
 	sqlite3_wal_checkpoint_v2(db, NULL, SQLITE_CHECKPOINT_RESTART, NULL, NULL);
+	c->restarting = 0;
 }
 
 /* The checkpointer's busy handler: a busy writer holds its lock for microseconds at a
  * time, so poll often and briefly (SQLite's default sleeps milliseconds and, against a
- * writer in a tight loop, never finds the lock free). Gives up after about a second. */
+ * writer in a tight loop, never finds the lock free). Gives up after about a second.
+ * A restart waits only while the engine's own connection is in a write transaction,
+ * which ends within the batch delay: what else holds it up is another process's write
+ * lock or a reader still on the WAL, waited for with the write lock held (every
+ * append would wait too), so it gives up at once. */
 static int poll_briefly(void *arg, int tries) {
+	struct checkpointer *c = arg;
 	struct timespec pause = { 0, 50000 };
-	(void)arg;
 	if(tries >= 20000)
 		return 0;
+	if(c->restarting) {
+		int writing;
+		pthread_mutex_lock(&c->lock);
+		writing = c->writing;
+		pthread_mutex_unlock(&c->lock);
+		if(!writing)
+			return 0;
+	}
 	nanosleep(&pause, NULL);
 	return 1;
 }
@@ -686,16 +727,16 @@ static void *checkpointer_main(void *arg) {
 		pthread_mutex_unlock(&c->lock);
 		return NULL;
 	}
-	sqlite3_busy_handler(db, poll_briefly, NULL);
+	sqlite3_busy_handler(db, poll_briefly, c);
 	/* A connection learns that the file is in WAL mode on its first read; until then
 	 * every checkpoint is a silent no-op. */
 	sqlite3_exec(db, "SELECT count(*) FROM sqlite_master", NULL, NULL, NULL);
-	next_checkpoint = pn_monotonic() + c->interval;
 	pthread_mutex_lock(&c->lock);
+	next_checkpoint = pn_monotonic() + c->interval;
 	while(!c->stop) {
 		unsigned long target;
 		int due, sync_failed;
-		if(!c->wal_full && c->requested == c->synced) {
+		if(!c->wal_full && c->requested == c->synced && !c->interval_changed) {
 			struct timespec until;
 			double whole, frac = modf(next_checkpoint, &whole);
 			until.tv_sec = (time_t)whole;
@@ -704,22 +745,16 @@ static void *checkpointer_main(void *arg) {
 		}
 		if(c->stop)
 			break;
+		if(c->interval_changed) {
+			c->interval_changed = 0;
+			next_checkpoint = pn_monotonic() + c->interval;
+		}
 		target = c->requested;
 		due = c->wal_full || pn_monotonic() >= next_checkpoint;
 		c->wal_full = 0;
 		pthread_mutex_unlock(&c->lock);
 		/* one fsync serves every ticket taken so far: group commit */
 		sync_failed = target != c->synced && sync_wal(db) != 0;
-		if(due) {
-			/* appends still waiting in an open batch: their records in the log are what
-			 * a power cut would keep, so they get the same window as the WAL */
-			if(c->log_fd[0] >= 0) {
-				fdatasync(c->log_fd[0]);
-				fdatasync(c->log_fd[1]);
-			}
-			checkpoint(db);
-			next_checkpoint = pn_monotonic() + c->interval;
-		}
 		pthread_mutex_lock(&c->lock);
 		/* A failed fsync fails its tickets for good: a later one that succeeds says
 		 * nothing of pages the kernel may have dropped after the error. Failures in a
@@ -729,8 +764,21 @@ static void *checkpointer_main(void *arg) {
 				c->failed_from = c->synced;
 			c->failed_to = target;
 		}
+		/* before the checkpoint: a durable write waits for its fsync, not for that */
 		c->synced = target;
 		pthread_cond_broadcast(&c->synced_cond);
+		if(!due)
+			continue;
+		pthread_mutex_unlock(&c->lock);
+		/* appends still waiting in an open batch: their records in the log are what
+		 * a power cut would keep, so they get the same window as the WAL */
+		if(c->log_fd[0] >= 0) {
+			fdatasync(c->log_fd[0]);
+			fdatasync(c->log_fd[1]);
+		}
+		checkpoint(c, db);
+		pthread_mutex_lock(&c->lock);
+		next_checkpoint = pn_monotonic() + c->interval;
 	}
 	pthread_mutex_unlock(&c->lock);
 	sqlite3_close(db);
@@ -748,6 +796,7 @@ static int checkpointer_start(struct checkpointer *c, const char *path, double i
 	c->stop = 0;
 	c->wal_full = 0;
 	c->failed = 0;
+	c->writing = c->restarting = c->interval_changed = 0;
 	c->requested = c->synced = c->failed_from = c->failed_to = 0;
 	pthread_mutex_init(&c->lock, NULL);
 	pthread_condattr_init(&attr);
@@ -808,6 +857,7 @@ static void reattach(lua_State *L, archive_db *a) {
 	int readonly = 0;
 	const char *stage;
 	memset(&a->ckpt, 0, sizeof a->ckpt);
+	a->writing = 0;
 	stage = open_database(a, a->path, a->durable, a->busy_ms, &readonly);
 	if(stage || checkpointer_start(&a->ckpt, a->path, a->interval, a->log_fd) != 0) {
 		char msg[512];
@@ -948,8 +998,8 @@ static const char *open_database(archive_db *a, const char *path, int durable, i
 	if(version > SCHEMA_VERSION)
 		return "newer-schema";
 	/* auto_vacuum only takes effect before the first table exists (and setting it
-	 * writes the header: not when opening again, see below) */
-	if(!(a->detached && version == SCHEMA_VERSION) && exec_sql(a, "PRAGMA auto_vacuum = INCREMENTAL") != SQLITE_OK)
+	 * takes the write lock: not for a current schema, see below) */
+	if(version != SCHEMA_VERSION && exec_sql(a, "PRAGMA auto_vacuum = INCREMENTAL") != SQLITE_OK)
 		return "configure";
 	if(sqlite3_prepare_v2(a->db, "PRAGMA journal_mode = WAL", -1, &st, NULL) != SQLITE_OK)
 		return "configure";
@@ -965,20 +1015,27 @@ static const char *open_database(archive_db *a, const char *path, int durable, i
 			|| exec_sql(a, "PRAGMA secure_delete = FAST") != SQLITE_OK
 			|| exec_sql(a, "PRAGMA cache_size = -16384") != SQLITE_OK)
 		return "configure";
-	/* Opening again after db:detach() needs no write lock (another process may hold
-	 * it): the schema was settled at the first open. */
-	if(a->detached && version == SCHEMA_VERSION)
-		return read_auto_vacuum(a) < 0 ? "read" : NULL;
-	if(exec_sql(a, "BEGIN IMMEDIATE") != SQLITE_OK)
-		return "schema";
-	for(i = 0; SCHEMA[i]; i++) {
-		if(exec_sql(a, SCHEMA[i]) != SQLITE_OK)
+	/* A current schema needs no write lock, which a running Prosody holds for a whole
+	 * batch of appends and another process (a script, the sqlite3 shell) for as long
+	 * as it likes: prosodyctl, a second host's open and the open after db:detach()
+	 * must not depend on getting it. */
+	if(version != SCHEMA_VERSION) {
+		if(exec_sql(a, "BEGIN IMMEDIATE") != SQLITE_OK)
+			return "schema";
+		for(i = 0; SCHEMA[i]; i++) {
+			if(exec_sql(a, SCHEMA[i]) != SQLITE_OK)
+				return "schema";
+		}
+		if(exec_sql(a, "PRAGMA user_version = 2") != SQLITE_OK || exec_sql(a, "COMMIT") != SQLITE_OK)
 			return "schema";
 	}
-	if(exec_sql(a, "PRAGMA user_version = 2") != SQLITE_OK || exec_sql(a, "COMMIT") != SQLITE_OK)
-		return "schema";
-	/* Keeps the planner's statistics fresh for the with/when choices (cheap at open). */
-	exec_sql(a, "PRAGMA optimize = 0x10002");
+	/* Keeps the planner's statistics fresh for the with/when choices (cheap at open).
+	 * It may write: only if the lock is free now, it is no reason to wait. */
+	if(!a->detached) {
+		sqlite3_busy_timeout(a->db, 0);
+		exec_sql(a, "PRAGMA optimize = 0x10002");
+		sqlite3_busy_timeout(a->db, busy_ms);
+	}
 	return read_auto_vacuum(a) < 0 ? "read" : NULL;
 }
 
@@ -1573,7 +1630,16 @@ static int log_open(archive_db *a, const char *path) {
 	if(applied_lsn(a, &applied) < 0)
 		return -1;
 	a->next_lsn = applied + 1;
-	return log_replay(a);
+	/* empty after a clean shutdown: nothing to replay, so no need for the write lock */
+	for(k = 0; k < 2; k++) {
+		struct stat sb;
+		if(fstat(a->log_fd[k], &sb) != 0)
+			return -2;
+		if(sb.st_size > 0)
+			return log_replay(a);
+	}
+	a->log_dirty = 0;
+	return 0;
 }
 
 static int batching(const archive_db *a) {
@@ -1617,6 +1683,7 @@ static int batch_commit(archive_db *a) {
 		return -1;
 	if(exec_sql(a, "COMMIT") != SQLITE_OK)
 		return -1;
+	set_writing(a, 0);
 	a->batch_open = 0;
 	a->batch_count = 0;
 	log_rotate(a);
@@ -1625,6 +1692,7 @@ static int batch_commit(archive_db *a) {
 
 /* The open batch was rolled back: what it held is in the log only. */
 static void batch_lost(archive_db *a) {
+	set_writing(a, 0);
 	a->batch_open = 0;
 	a->batch_count = 0;
 	if(a->log_fd[0] >= 0 && a->log_size[a->log_cur] > 0)
@@ -1645,6 +1713,8 @@ static int gate(lua_State *L, archive_db *a, int mode) {
 	int rc;
 	if(a->batch_open && sqlite3_get_autocommit(a->db))
 		batch_lost(a); /* SQLite rolled it back on an error */
+	if(a->writing && sqlite3_get_autocommit(a->db))
+		set_writing(a, 0);
 	if(!a->batch_open)
 		recover(a);
 	else {
@@ -2144,15 +2214,18 @@ static void generate_key(char out[37]) {
 	*out = '\0';
 }
 
-/* db:append(host, store, user, key?, value, when, with, quota?) -> key, opened | nil, err, code
+/* db:append(host, store, user, key?, value, when, with, quota?, commit?) -> key, opened | nil, err, code
  * An existing key is replaced and its item moves to the end. At `quota` items the
  * append fails with "quota-limit". With batching on, `opened` is true when this append
- * began a new batch (someone should call db:flush() within the batch delay). */
+ * began a new batch (someone should call db:flush() within the batch delay); with
+ * `commit` true the append is committed before it returns, outside any batch (the open
+ * batch is committed first), for a caller that waits for it to be on disk. */
 static int Larchive_append(lua_State *L) {
 	archive_db *a = check_db(L);
 	size_t key_len = 0, with_len;
 	const char *key = luaL_optlstring(L, 5, NULL, &key_len);
 	lua_Integer quota = luaL_optinteger(L, 9, -1);
+	int commit = lua_toboolean(L, 10);
 	char generated[37];
 	struct append_rec r;
 	int rc, opened = 0;
@@ -2175,12 +2248,13 @@ static int Larchive_append(lua_State *L) {
 	r.key_len = key_len;
 	r.value = a->buf;
 	r.value_len = a->buf_len;
-	if((rc = gate(L, a, GATE_APPEND)))
+	if((rc = gate(L, a, commit ? GATE_ALONE : GATE_APPEND)))
 		return rc;
 	if(!a->batch_open) {
 		if(exec_sql(a, "BEGIN IMMEDIATE") != SQLITE_OK)
 			return db_error(L, a);
-		if(batching(a)) {
+		set_writing(a, 1);
+		if(batching(a) && !commit) {
 			a->batch_open = opened = 1;
 			a->batch_count = 0;
 			a->batch_started = pn_monotonic();
@@ -2193,6 +2267,7 @@ static int Larchive_append(lua_State *L) {
 		/* nothing written: a transaction holding no append is not kept open */
 		if(!a->batch_open || a->batch_count == 0) {
 			exec_sql(a, "ROLLBACK");
+			set_writing(a, 0);
 			a->batch_open = 0;
 		}
 		return pn_fail(L, "quota-limit", "quota-limit");
@@ -2209,6 +2284,8 @@ static int Larchive_append(lua_State *L) {
 		}
 	} else if(exec_sql(a, "COMMIT") != SQLITE_OK) {
 		return db_error(L, a);
+	} else {
+		set_writing(a, 0);
 	}
 	lua_pushlstring(L, key, key_len);
 	lua_pushboolean(L, opened);
@@ -2504,6 +2581,7 @@ static int Larchive_delete(lua_State *L) {
 		return g;
 	if(exec_sql(a, "BEGIN IMMEDIATE") != SQLITE_OK)
 		return db_error(L, a);
+	set_writing(a, 1);
 	if(!wildcard) {
 		if(owner_find(a, host, store, user, &owner, NULL) < 0)
 			return db_error(L, a);
@@ -2552,6 +2630,7 @@ static int Larchive_delete(lua_State *L) {
 	started = pn_monotonic();
 	if(exec_sql(a, "COMMIT") != SQLITE_OK)
 		return db_error(L, a);
+	set_writing(a, 0);
 	if(deleted >= 32) {
 		double per_row = (pn_monotonic() - started) / (double)deleted;
 		a->commit_per_row = 0.7 * a->commit_per_row + 0.3 * per_row;
@@ -2949,6 +3028,41 @@ static int Larchive_wait_synced(lua_State *L) {
 	return 1;
 }
 
+/* db:configure{ batch?, batch_delay?, sync_interval? } -> true | nil, err, code
+ * Changes what archive.open() was given, for a connection that stays open while the
+ * configuration changes. A batch that may no longer be open is committed. */
+static int Larchive_configure(lua_State *L) {
+	archive_db *a = check_db(L);
+	lua_Integer batch;
+	double batch_delay, interval;
+	int rc;
+	luaL_checktype(L, 2, LUA_TTABLE);
+	batch = pn_opt_integer_field(L, 2, "batch", a->batch_max);
+	batch_delay = pn_opt_number_field(L, 2, "batch_delay", a->batch_delay);
+	interval = pn_opt_number_field(L, 2, "sync_interval", a->interval);
+	luaL_argcheck(L, interval > 0 && interval <= 3600, 2, "sync_interval must be in (0, 3600] seconds");
+	luaL_argcheck(L, batch >= 0 && batch <= 1000000, 2, "batch must be 0 to 1000000 appends");
+	luaL_argcheck(L, batch_delay > 0 && batch_delay <= 60, 2, "batch_delay must be in (0, 60] seconds");
+	if(a->batch_open && (batch == 0 || a->batch_count >= batch)) {
+		if((rc = gate(L, a, GATE_ALONE)))
+			return rc;
+	}
+	a->batch_max = (int)batch;
+	a->batch_delay = batch_delay;
+	if(interval != a->interval) {
+		a->interval = interval;
+		if(a->ckpt.running) {
+			pthread_mutex_lock(&a->ckpt.lock);
+			a->ckpt.interval = interval;
+			a->ckpt.interval_changed = 1;
+			pthread_cond_signal(&a->ckpt.wake);
+			pthread_mutex_unlock(&a->ckpt.lock);
+		}
+	}
+	lua_pushboolean(L, 1);
+	return 1;
+}
+
 /* db:busy_timeout(ms) -- how long a write waits for another process's lock */
 static int Larchive_busy_timeout(lua_State *L) {
 	archive_db *a = check_db(L);
@@ -3021,6 +3135,7 @@ static const luaL_Reg archive_methods[] = {
 	{ "check", Larchive_check },
 	{ "stats", Larchive_stats },
 	{ "busy_timeout", Larchive_busy_timeout },
+	{ "configure", Larchive_configure },
 	{ "sync_ticket", Larchive_sync_ticket },
 	{ "synced", Larchive_synced },
 	{ "wait_synced", Larchive_wait_synced },

@@ -15,6 +15,23 @@ local store_host = host == "*" and "" or host;
 -- Options: each is checked here, so a bad value stops the module with its name.
 local options = module:require("prosody_native_options");
 local option_error, number_option, choice_option = options.fail, options.number, options.choice;
+local config = require "core.configmanager";
+
+-- What the database connection does is shared by every host on the file, so these
+-- come from the global section only. A host section that sets one to something else
+-- stops the module there, naming the option, rather than be silently ignored.
+local function connection_number(name, default, ...)
+	local value = number_option(name, default, ...);
+	local global = config.get("*", name);
+	if global == nil then global = default; end
+	if host ~= "*" and config.rawget(host, name) ~= nil and value ~= tonumber(global) then
+		local msg = ("option '%s' applies to the database connection every host shares: set it in the global"
+			.. " section, not under %q"):format(name, host);
+		module:log_status("error", "%s", msg);
+		error(msg, 0);
+	end
+	return value;
+end
 
 local db_path = module:get_option("storage_native_path", "prosody-native.sqlite");
 if type(db_path) ~= "string" or db_path == "" then
@@ -22,16 +39,21 @@ if type(db_path) ~= "string" or db_path == "" then
 end
 db_path = resolve_relative_path(prosody.paths.data, db_path);
 local durability = choice_option("storage_native_durability", "normal", { normal = true, full = true });
-local sync_interval = number_option("storage_native_sync_interval", 1, 0.001, 3600);
 local busy_timeout = number_option("storage_native_busy_timeout", 5000, 0, 600000, true);
 local slice = number_option("storage_native_delete_slice", 0.005, 0.001, 10);
-local commit_batch = number_option("storage_native_commit_batch", 256, 1, 100000, true);
-local commit_delay = number_option("storage_native_commit_delay", 0.05, 0.001, 10);
 local item_limit = number_option("storage_archive_item_limit", nil, 0, 2^53, true);
 local delegate_name = module:get_option_string("storage_native_delegate", "internal");
 if delegate_name == "native" then
 	option_error("storage_native_delegate", delegate_name, "another storage driver (keyval and map stores)");
 end
+local wanted = {
+	sync_interval = connection_number("storage_native_sync_interval", 1, 0.001, 3600);
+	-- group commit: up to this many appends share a transaction, each also written to
+	-- the append log so that a kill loses none of them
+	batch = connection_number("storage_native_commit_batch", 256, 1, 100000, true);
+	batch_delay = connection_number("storage_native_commit_delay", 0.05, 0.001, 10);
+};
+if wanted.batch == 1 then wanted.batch = 0; end -- a batch of one is a plain commit
 
 -- SQLite itself waits only this long for another process's write lock; the rest of
 -- storage_native_busy_timeout is waited for in write() below, without freezing Prosody.
@@ -39,19 +61,21 @@ local SHORT_BUSY_MS = 5;
 
 -- One connection per database file for the whole server, shared by every host.
 local connections = module:shared("/*/storage_native/connections");
+-- what each connection was opened (or last configured) with
+local connection_settings = module:shared("/*/storage_native/settings");
 local db = connections[db_path];
 if not db then
 	local err;
 	db, err = engine.open(db_path, {
-		-- "full" is kept by waiting for a sync ticket after each write (durable() below),
-		-- so the fsync happens on the engine's thread, shared by concurrent writers.
+		-- "full" is kept per host, by committing at once and waiting for a sync ticket
+		-- after each write (durable() below): the fsync happens on the engine's thread,
+		-- shared by concurrent writers.
 		durability = "normal";
-		sync_interval = sync_interval;
-		-- group commit of "normal": up to commit_batch appends share a transaction, each
-		-- also written to the append log so that a kill loses none of them
-		batch = (durability == "normal" and commit_batch > 1) and commit_batch or 0;
-		batch_delay = commit_delay;
-		busy_timeout = SHORT_BUSY_MS;
+		sync_interval = wanted.sync_interval;
+		batch = wanted.batch;
+		batch_delay = wanted.batch_delay;
+		-- loading the module may wait: there is nothing else to do meanwhile
+		busy_timeout = busy_timeout;
 		element_mt = st.stanza_mt;
 	});
 	if not db then
@@ -59,9 +83,30 @@ if not db then
 		module:log_status("error", "%s", msg);
 		error(msg, 0);
 	end
+	db:busy_timeout(SHORT_BUSY_MS);
 	connections[db_path] = db;
-	module:log("info", "Archive database %s (SQLite %s, durability %s)", db_path, engine.sqlite_version(), durability);
+	connection_settings[db_path] = { sync_interval = wanted.sync_interval, batch = wanted.batch,
+		batch_delay = wanted.batch_delay };
+	module:log("info", "Archive database %s (SQLite %s)", db_path, engine.sqlite_version());
 end
+-- Changed options reach the open connection when the module is loaded again.
+local settings = connection_settings[db_path];
+if not settings then
+	settings = {};
+	connection_settings[db_path] = settings;
+end
+if settings.sync_interval ~= wanted.sync_interval or settings.batch ~= wanted.batch
+or settings.batch_delay ~= wanted.batch_delay then
+	local ok, err = db:configure(wanted);
+	if ok then
+		settings.sync_interval, settings.batch, settings.batch_delay = wanted.sync_interval, wanted.batch, wanted.batch_delay;
+		module:log("info", "Archive database %s: sync interval %gs, commit batch %d, commit delay %gs", db_path,
+			settings.sync_interval, math.max(settings.batch, 1), settings.batch_delay);
+	else
+		module:log("error", "Archive database %s keeps its earlier settings: %s", db_path, err);
+	end
+end
+module:log("debug", "Archive durability on %s: %s", host, durability);
 
 -- Whether freed pages can go back to the file system, per database file: decided when
 -- the file was created (a copy made with `sqlite3 .dump` is not in incremental mode),
@@ -91,7 +136,7 @@ local flushing = flush_state[db_path];
 local m_commit; -- set below, with the other metrics
 local function flush_due()
 	local t0 = clock();
-	local ok, left, err = pcall(db.flush, db, commit_delay);
+	local ok, left, err = pcall(db.flush, db, settings.batch_delay);
 	if not ok then left, err = nil, left; end -- raised (the database closed, say)
 	if err == true then m_commit:sample(clock() - t0); end
 	if left == nil then
@@ -104,7 +149,7 @@ end
 local function batch_opened()
 	if not flushing.armed then
 		flushing.armed = true;
-		timer.add_task(commit_delay, flush_due);
+		timer.add_task(settings.batch_delay, flush_due);
 	end
 end
 -- Nothing stays uncommitted across a shutdown.
@@ -154,7 +199,8 @@ end
 -- Runs a write; while another process holds the write lock (code "busy"), retries for
 -- up to storage_native_busy_timeout. From an async context (stanza handlers, cron jobs)
 -- it sleeps between tries so the rest of the server goes on; elsewhere it lets SQLite
--- block for the remaining time, as there is nothing else to run.
+-- block for the remaining time, as there is nothing else to run. prosodyctl runs its
+-- commands in an async runner, but with nothing to schedule a sleep: it blocks too.
 local function write(method, ...)
 	local ok, err, code = method(db, ...);
 	if ok ~= nil or code ~= "busy" then return ok, err, code; end
@@ -162,22 +208,20 @@ local function write(method, ...)
 	while true do
 		local left = deadline - clock();
 		if left <= 0 then return ok, err, code; end
-		if async.ready() then
-			async.sleep(math.min(0.02, left));
-			ok, err, code = method(db, ...);
-		else
+		if not (async.ready() and pcall(async.sleep, math.min(0.02, left))) then
 			db:busy_timeout(math.ceil(left * 1000));
 			ok, err, code = method(db, ...);
 			db:busy_timeout(SHORT_BUSY_MS);
 			return ok, err, code;
 		end
+		ok, err, code = method(db, ...);
 		if ok ~= nil or code ~= "busy" then return ok, err, code; end
 	end
 end
 
--- storage_native_durability = "full": a write returns once it is on disk. The fsync
--- runs on the engine's thread; an async caller sleeps meanwhile (one timer polls for
--- every waiter), anything else blocks until it is done.
+-- storage_native_durability = "full" (per host): a write returns once it is on disk.
+-- The fsync runs on the engine's thread; an async caller sleeps meanwhile (one timer
+-- polls for every waiter), anything else blocks until it is done.
 local sync_waiters = {};
 local function poll_syncs()
 	local still = {};
@@ -220,8 +264,10 @@ archive_store.caps = {
 
 function archive_store:append(username, key, value, when, with)
 	local t0 = clock();
+	-- a "full" host's append commits at once: in the open batch it would be
+	-- acknowledged before it is even committed
 	local ok, ret, err, code = pcall(write, db.append, store_host, self.store, username or "", key, value,
-		when or os.time(), with or "", item_limit);
+		when or os.time(), with or "", item_limit, durability == "full");
 	m_append:sample(clock() - t0);
 	if not ok then
 		return failed("append", ret, "unsupported-datatype");
@@ -452,7 +498,7 @@ end
 function commands.vacuum()
 	local total = 0;
 	while true do
-		local left, returned, code = db:vacuum_step(1);
+		local left, returned, code = write(db.vacuum_step, 1);
 		if not left then
 			local err = returned;
 			if code ~= "not-incremental" then
@@ -475,7 +521,9 @@ function commands.vacuum()
 end
 
 function commands.import(source, ...)
-	return module:require("storage_native_import").run(source, { ... }, db);
+	-- through write(): a running Prosody holds the write lock for up to a commit delay
+	local function append(...) return write(db.append, ...); end
+	return module:require("storage_native_import").run(source, { ... }, db, append);
 end
 
 function module.command(arg)

@@ -81,6 +81,70 @@ local function append_then_sigkill(path, n, batch, padding)
 	return keys;
 end
 
+-- Readers in another process, each holding a read transaction from "begin <name>" to
+-- "end <name>" (python3's sqlite3 module: the same libsqlite3 as a backup script or the
+-- sqlite3 shell). Each command returns once done, with the count of items its reader
+-- sees: at "end" still what its snapshot held at "begin".
+local function readers(path)
+	local ack = os.tmpname();
+	local script = table.concat({
+		"import sqlite3, sys",
+		"conns = {}",
+		"while True:",
+		"    line = sys.stdin.readline()",
+		"    if not line: break",
+		"    cmd, name = line.split()",
+		"    if cmd == 'begin':",
+		"        c = sqlite3.connect(sys.argv[1], isolation_level=None)",
+		"        c.execute('BEGIN')",
+		"        conns[name] = c",
+		"    c = conns[name]",
+		"    n = c.execute('SELECT count(*) FROM items').fetchone()[0]",
+		"    if cmd == 'end':",
+		"        c.execute('COMMIT')",
+		"        c.close()",
+		"    with open(sys.argv[2], 'a') as f: f.write('%s %s %d\\n' % (cmd, name, n))",
+	}, "\n");
+	local file = os.tmpname();
+	local f = assert(io.open(file, "w"));
+	f:write(script, "\n");
+	f:close();
+	local p = assert(io.popen(("exec /usr/bin/python3 %q %q %q"):format(file, path, ack), "w"));
+	local done = 0;
+	local function command(cmd, name)
+		p:write(cmd, " ", name, "\n");
+		p:flush();
+		done = done + 1;
+		for _ = 1, 3000 do -- a guard against a hang, not a time limit
+			local answers = io.open(ack);
+			local lines = {};
+			if answers then
+				for line in answers:lines() do lines[#lines+1] = line; end
+				answers:close();
+			end
+			if #lines >= done then
+				local n = lines[done]:match(" (%d+)$");
+				return tonumber(n);
+			end
+			os.execute("sleep 0.01");
+		end
+		error("the reader did not answer");
+	end
+	return {
+		begin = function (name) return command("begin", name); end;
+		finish = function (name) return command("end", name); end;
+		close = function () p:close(); os.remove(ack); os.remove(file); end;
+	};
+end
+
+-- Frames in the WAL as a passive checkpoint of another connection sees them; nil when
+-- it could not look (another checkpoint was running).
+local function wal_frames(path)
+	local busy, log = sqlite(path, "PRAGMA wal_checkpoint(PASSIVE);"):match("^(%d+)|(%-?%d+)|");
+	if busy ~= "0" then return nil; end
+	return tonumber(log);
+end
+
 local function all_keys(db)
 	local rows, n = db:find("h", "s", "u", {});
 	local keys = {};
@@ -412,6 +476,95 @@ describe("prosody_native.archive", function ()
 			assert.equal(201, total);
 		end);
 
+		it("never makes an append wait for a reader holding an old snapshot, and starts the WAL over once it is done", function ()
+			-- a backup (VACUUM INTO), a sqlite3 shell in a transaction, Litestream: a
+			-- restarting checkpoint used to wait for them holding the write lock, and
+			-- appends failed behind it. Opened as the driver opens it, but a busy timeout
+			-- far beyond what a restart may take without readers.
+			local db, path = fresh({ batch = 256, batch_delay = 0.05, sync_interval = 0.05, busy_timeout = 500 });
+			assert(db:append("h", "s", "u", nil, "first", 0, ""));
+			assert.equal(0, db:flush());
+			local r = readers(path);
+			assert.equal(1, r.begin("old"));
+			-- well past the length where the WAL is to be started over (4,096 frames)
+			local value, n = ("x"):rep(2000), 0;
+			local page = db:stats().page_size;
+			repeat
+				for _ = 1, 100 do
+					n = n + 1;
+					assert(db:append("h", "s", "u", nil, value, n, ""));
+				end
+				assert.equal(0, db:flush());
+				-- now and then what storage_native_durability = "full" waits for; else a
+				-- pause, as between the messages of a real server
+				if n % 1000 == 0 then
+					assert.is_true(db:wait_synced(db:sync_ticket()));
+				else
+					os.execute("sleep 0.01");
+				end
+			until db:stats().wal_bytes > 6000 * (page + 24) or n >= 30000
+			-- a reader whose snapshot is the newest: every frame can be copied back, but
+			-- the WAL not started over while it reads
+			assert.equal(n + 1, r.begin("new"));
+			assert.equal(1, r.finish("old"));
+			for _ = 1, 40 do
+				n = n + 1;
+				assert(db:append("h", "s", "u", nil, value, n, ""));
+				os.execute("sleep 0.02");
+			end
+			assert.equal(0, db:flush());
+			assert.is_true(db:wait_synced(db:sync_ticket()));
+			assert.equal(n - 39, r.finish("new"));
+			r.close();
+			-- no reader left: a later checkpoint starts the WAL over
+			local restarted = false;
+			for _ = 1, 300 do -- a guard against a hang, not a time limit
+				for _ = 1, 10 do
+					n = n + 1;
+					assert(db:append("h", "s", "u", nil, value, n, ""));
+				end
+				assert.equal(0, db:flush());
+				os.execute("sleep 0.05");
+				local frames = wal_frames(path);
+				if frames and frames < 4096 then restarted = true; break; end
+			end
+			assert.is_true(restarted);
+			local _, _, total = db:find("h", "s", "u", { limit = 0, total = true });
+			assert.equal(n + 1, total);
+			assert.is_true((db:check()));
+		end);
+
+		it("opens without the write lock, which another connection may hold for long", function ()
+			-- a running Prosody holds it for a batch (prosodyctl opens meanwhile), a script
+			-- or the sqlite3 shell for as long as it likes (Prosody starts meanwhile)
+			local first, path = fresh({ batch = 256, batch_delay = 60 });
+			assert(first:append("h", "s", "u", "k1", "v", 1, ""));
+			local second = assert(archive.open(path, { busy_timeout = 0 }));
+			assert.is_true((second:check()));
+			assert(second:stats());
+			second:close();
+			assert.equal(0, first:flush());
+			first:close();
+			local shell = assert(io.popen(("sqlite3 %q > /dev/null"):format(path), "w"));
+			shell:write("BEGIN IMMEDIATE;\n.shell touch " .. path .. ".locked\n");
+			shell:flush();
+			for _ = 1, 500 do
+				if io.open(path .. ".locked") then break; end
+				os.execute("sleep 0.02");
+			end
+			local db = assert(archive.open(path, { busy_timeout = 0 }));
+			assert.same({ "k1" }, all_keys(db));
+			local ok, _, code = db:append("h", "s", "u", "k2", "v", 2, "");
+			assert.same({ nil, "busy" }, { ok, code });
+			shell:write("ROLLBACK;\n");
+			shell:close();
+			os.remove(path .. ".locked");
+			assert(db:append("h", "s", "u", "k2", "v", 2, ""));
+			assert.equal(0, db:flush());
+			assert.same({ "k1", "k2" }, all_keys(db));
+			db:close();
+		end);
+
 		it("reports another process's write lock as \"busy\" after its busy timeout", function ()
 			local db, path = fresh({ busy_timeout = 0 });
 			local writer = assert(io.popen(("/usr/bin/python3 -c %q"):format(table.concat({
@@ -694,6 +847,53 @@ describe("prosody_native.archive", function ()
 					assert.is_true((db:check()));
 				end);
 			end
+
+			it("commits an append asked to commit at once, with the batch open before it", function ()
+				-- storage_native_durability = "full" on one host, "normal" on another
+				local db, path = fresh({ batch = 100, batch_delay = 60 });
+				assert(db:append("h", "s", "u", "k1", "v", 1, ""));
+				assert.equal("0\n", sqlite(path, "SELECT count(*) FROM items;"));
+				assert.same({ "k2", false }, { db:append("h", "s", "u", "k2", "v", 2, "", nil, true) });
+				assert.equal("2\n", sqlite(path, "SELECT count(*) FROM items;"));
+				assert.equal(0, db:stats().pending);
+				assert.same({ "k3", true }, { db:append("h", "s", "u", "k3", "v", 3, "") });
+				assert.equal("2\n", sqlite(path, "SELECT count(*) FROM items;"));
+				db:close();
+				assert.equal("3\n", sqlite(path, "SELECT count(*) FROM items;"));
+			end);
+
+			it("takes a new batch size, batch delay and sync interval while open", function ()
+				local db, path = fresh({ batch = 100, batch_delay = 60, sync_interval = 3600 });
+				assert(db:append("h", "s", "u", "k1", "v", 1, ""));
+				assert.equal("0\n", sqlite(path, "SELECT count(*) FROM items;"));
+				assert.is_true(db:configure({ batch = 0 })); -- the open batch may not stay
+				assert.equal("1\n", sqlite(path, "SELECT count(*) FROM items;"));
+				assert.is_false(db:stats().batching);
+				assert(db:append("h", "s", "u", "k2", "v", 2, ""));
+				assert.equal("2\n", sqlite(path, "SELECT count(*) FROM items;"));
+				assert.is_true(db:configure({ batch = 10, batch_delay = 0.001 }));
+				assert.same({ "k3", true }, { db:append("h", "s", "u", "k3", "v", 3, "") });
+				os.execute("sleep 0.01");
+				-- older than the delay: committed before the next one opens a batch
+				assert.same({ "k4", true }, { db:append("h", "s", "u", "k4", "v", 4, "") });
+				assert.equal("3\n", sqlite(path, "SELECT count(*) FROM items;"));
+				assert.equal(0, db:flush());
+				-- the background checkpoint, due in an hour, now comes at once
+				local before = file_size(path);
+				for i = 5, 200 do assert(db:append("h", "s", "u", nil, ("x"):rep(400), i, "")); end
+				assert.equal(0, db:flush());
+				assert.is_true(db:configure({ sync_interval = 0.05 }));
+				local grown = false;
+				for _ = 1, 200 do -- a guard against a hang, not a time limit
+					if file_size(path) > before + 190 * 400 then grown = true; break; end
+					os.execute("sleep 0.05");
+				end
+				assert.is_true(grown);
+				assert.has_error(function () db:configure({ batch = -1 }); end);
+				assert.has_error(function () db:configure({ sync_interval = 0 }); end);
+				assert.has_error(function () db:configure({ batch_delay = "later" }); end);
+				db:close();
+			end);
 
 			it("commits the open batch before deletes, backups and checks, and at close", function ()
 				local db, path = fresh({ batch = 100, batch_delay = 60 });

@@ -407,6 +407,69 @@ describe("mod_storage_native", function ()
 		end);
 	end);
 
+	describe("hosts sharing a database file", function ()
+		-- items committed to the file, as another process sees them
+		local function committed(path)
+			local p = assert(io.popen(("sqlite3 %q 'SELECT count(*) FROM items;'"):format(path)));
+			local n = p:read("n");
+			p:close();
+			return n;
+		end
+
+		it("keeps storage_native_durability per host: a \"full\" host's append is committed when it returns", function ()
+			-- the host with the default loads first and opens the shared connection
+			local path = env.data .. "/durability.sqlite";
+			assert(env.activate("normal.shared", { storage = "native"; storage_native_path = path }, "native"));
+			assert(env.activate("full.shared", { storage = "native"; storage_native_path = path;
+				storage_native_durability = "full" }, "native"));
+			local normal = assert(env.sm.open("normal.shared", "archive", "archive"));
+			local full = assert(env.sm.open("full.shared", "archive", "archive"));
+			assert(normal:append("u", "n1", msg(1), 1, "a@x"));
+			assert.equal(0, committed(path)); -- group commit: in the open batch
+			assert(full:append("u", "f1", msg(2), 2, "a@x"));
+			assert.equal(2, committed(path)); -- and on disk: it waited for its sync
+			assert(normal:append("u", "n2", msg(3), 3, "a@x"));
+			assert.equal(2, committed(path));
+			assert.truthy(full:set("u", "f1", msg(4)));
+			assert.equal(3, committed(path));
+		end);
+
+		local connection_options = {
+			{ "storage_native_commit_batch", 1 };
+			{ "storage_native_commit_delay", 0.5 };
+			{ "storage_native_sync_interval", 2 };
+		};
+		for i, case in ipairs(connection_options) do
+			it("refuses " .. case[1] .. " under a host unless it is the global value, naming the option", function ()
+				local path = env.data .. "/connection-options.sqlite";
+				local ok, err = env.activate("conn" .. i .. ".test", { storage = "native"; storage_native_path = path;
+					[case[1]] = case[2] }, "native");
+				assert.falsy(ok);
+				assert.matches("option '" .. case[1] .. "'", tostring(err), 1, true);
+				assert.matches("global section", tostring(err), 1, true);
+				env.config.set("*", case[1], case[2]);
+				finally(function () env.config.set("*", case[1], nil); end);
+				assert(env.activate("conn-same" .. i .. ".test", { storage = "native"; storage_native_path = path;
+					[case[1]] = case[2] }, "native"));
+			end);
+		end
+
+		it("applies changed connection options when the module is loaded again", function ()
+			local path = env.data .. "/reload.sqlite";
+			assert(env.activate("reload.test", { storage = "native"; storage_native_path = path }, "native"));
+			local store = assert(env.sm.open("reload.test", "archive", "archive"));
+			assert(store:append("u", "r1", msg(1), 1, "a@x"));
+			assert.equal(0, committed(path));
+			env.config.set("*", "storage_native_commit_batch", 1);
+			finally(function () env.config.set("*", "storage_native_commit_batch", nil); end);
+			assert(env.mm.reload("reload.test", "storage_native"));
+			assert.equal(1, committed(path)); -- no batch may stay open
+			store = assert(env.sm.open("reload.test", "archive", "archive"));
+			assert(store:append("u", "r2", msg(2), 2, "a@x"));
+			assert.equal(2, committed(path));
+		end);
+	end);
+
 	describe("as default_storage", function ()
 		it("serves keyval and map stores through the delegate driver", function ()
 			assert(env.activate("default.test", { default_storage = "native"; storage_native_delegate = "memory" }, "native"));

@@ -42,6 +42,35 @@ def test_import_from_internal_keeps_ids_and_resumes(prosody_factory):
     assert native_items(server, "alice") == [(k, str(w), p, b) for k, w, p, b in items]
 
 
+def native_append(server, user, key, when):
+    assert server.shell_result(
+        f'return {STORE}.open("localhost", "archive", "archive"):append({harness.lua_string(user)}, '
+        f'{harness.lua_string(key)}, require"util.stanza".message():text_tag("body", "native"), {when}, '
+        '"bob@localhost")') == key
+
+
+def test_import_refuses_to_put_old_history_after_newer_native_items(prosody_factory):
+    """Imported items are appended: once Prosody archives natively, they would sort after the messages archived
+    since (the newest MAM page would show old history, a client catching up after its last id would get all of
+    it as new). An archive holding such newer items is left alone and the import fails, saying what to do; items
+    older than what is imported are no obstacle."""
+    server = prosody_factory(storage={"archive": "native"}, users=[("alice", "pw"), ("bob", "pw"), ("carol", "pw")])
+    old = [(f"old{i}", 1000 + i, "bob@localhost", f"history {i}") for i in range(1, 4)]
+    for user in ("alice", "bob", "carol"):
+        internal_archive(server, user, [(f"{user}-{k}", w, p, b) for k, w, p, b in old])
+    native_append(server, "alice", "live1", "os.time()")  # archived since the switch
+    native_append(server, "carol", "ancient", 500)  # older than anything imported
+    res = server.prosodyctl("mod_storage_native", "import", "internal", "archive", check=False)
+    out = res.stdout.decode()
+    assert res.returncode == 1, out
+    assert "localhost archive alice: FAILED: refused: the native archive already holds 1 item(s) newer" in out
+    assert "then switch storage to native" in out
+    assert "localhost archive bob: 3 copied, 0 already present" in out
+    assert "localhost archive carol: 3 copied, 0 already present" in out
+    assert [k for k, *_ in native_items(server, "alice")] == ["live1"]
+    assert [k for k, *_ in native_items(server, "carol")] == ["ancient"] + [f"carol-old{i}" for i in range(1, 4)]
+
+
 def test_import_refuses_unknown_driver(prosody_factory):
     server = prosody_factory(storage={"archive": "native"})
     res = server.prosodyctl("mod_storage_native", "import", "no_such_driver", check=False)
