@@ -406,10 +406,12 @@ static int read_record(lua_State *L, int i, struct tlsa *t) {
 			*dest[k] = (int)v;
 			lua_pop(L, 1);
 		}
-		if(lua_getfield(L, top, "data") != LUA_TSTRING)
+		/* Raw: the string kept must be the one stored in the record table, which the caller
+		 * keeps (an __index could hand out a fresh string, collected once popped). */
+		lua_pushliteral(L, "data");
+		if(lua_rawget(L, top) != LUA_TSTRING)
 			luaL_error(L, "TLSA record %d: field 'data' must be a string", i);
 		t->data = (const unsigned char *)lua_tolstring(L, -1, &t->len);
-		/* The string stays referenced by the record table, which the caller keeps. */
 		lua_pop(L, 1);
 	}
 	return 0;
@@ -615,7 +617,7 @@ static int Ldane_verify(lua_State *L) {
 	if(!base && nnames == 0)
 		return luaL_error(L, "options need a 'base' name or 'names' (reference identifiers)");
 
-	nrec_l = luaL_len(L, 3);
+	nrec_l = (lua_Integer)lua_rawlen(L, 3);
 	if(nrec_l > MAX_RECORDS)
 		return pn_fail(L, "too many TLSA records (at most 256)", "bad-records");
 	nrec = nrec_l < 0 ? 0 : (int)nrec_l;
@@ -665,7 +667,7 @@ static int Ldane_verify(lua_State *L) {
 		const char *why = NULL;
 		char buf[256];
 		int r;
-		lua_geti(L, 3, i);
+		lua_rawgeti(L, 3, i); /* raw: what the records table itself holds, and so keeps alive */
 		r = read_record(L, i, t);
 		lua_pop(L, 1); /* data strings stay referenced by the records table */
 		if(r < 0) {
