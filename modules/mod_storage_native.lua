@@ -46,14 +46,19 @@ local delegate_name = module:get_option_string("storage_native_delegate", "inter
 if delegate_name == "native" then
 	option_error("storage_native_delegate", delegate_name, "another storage driver (keyval and map stores)");
 end
-local wanted = {
+local connection_options = {
 	sync_interval = connection_number("storage_native_sync_interval", 1, 0.001, 3600);
 	-- group commit: up to this many appends share a transaction, each also written to
 	-- the append log so that a kill loses none of them
 	batch = connection_number("storage_native_commit_batch", 256, 1, 100000, true);
 	batch_delay = connection_number("storage_native_commit_delay", 0.05, 0.001, 10);
 };
-if wanted.batch == 1 then wanted.batch = 0; end -- a batch of one is a plain commit
+if connection_options.batch == 1 then connection_options.batch = 0; end -- a batch of one is a plain commit
+
+local function copy_into(to, from)
+	for k, v in pairs(from) do to[k] = v; end
+	return to;
+end
 
 -- SQLite itself waits only this long for another process's write lock; the rest of
 -- storage_native_busy_timeout is waited for in write() below, without freezing Prosody.
@@ -61,23 +66,20 @@ local SHORT_BUSY_MS = 5;
 
 -- One connection per database file for the whole server, shared by every host.
 local connections = module:shared("/*/storage_native/connections");
--- what each connection was opened (or last configured) with
+-- what each connection was opened (or last configured) with; every host's timers read it
 local connection_settings = module:shared("/*/storage_native/settings");
 local db = connections[db_path];
 if not db then
 	local err;
-	db, err = engine.open(db_path, {
+	db, err = engine.open(db_path, copy_into({
 		-- "full" is kept per host, by committing at once and waiting for a sync ticket
 		-- after each write (durable() below): the fsync happens on the engine's thread,
 		-- shared by concurrent writers.
 		durability = "normal";
-		sync_interval = wanted.sync_interval;
-		batch = wanted.batch;
-		batch_delay = wanted.batch_delay;
 		-- loading the module may wait: there is nothing else to do meanwhile
 		busy_timeout = busy_timeout;
 		element_mt = st.stanza_mt;
-	});
+	}, connection_options));
 	if not db then
 		local msg = ("cannot open the archive database %s"):format(err);
 		module:log_status("error", "%s", msg);
@@ -85,25 +87,23 @@ if not db then
 	end
 	db:busy_timeout(SHORT_BUSY_MS);
 	connections[db_path] = db;
-	connection_settings[db_path] = { sync_interval = wanted.sync_interval, batch = wanted.batch,
-		batch_delay = wanted.batch_delay };
+	connection_settings[db_path] = copy_into({}, connection_options);
 	module:log("info", "Archive database %s (SQLite %s)", db_path, engine.sqlite_version());
 end
 -- Changed options reach the open connection when the module is loaded again.
-local settings = connection_settings[db_path];
-if not settings then
-	settings = {};
-	connection_settings[db_path] = settings;
-end
-if settings.sync_interval ~= wanted.sync_interval or settings.batch ~= wanted.batch
-or settings.batch_delay ~= wanted.batch_delay then
-	local ok, err = db:configure(wanted);
-	if ok then
-		settings.sync_interval, settings.batch, settings.batch_delay = wanted.sync_interval, wanted.batch, wanted.batch_delay;
-		module:log("info", "Archive database %s: sync interval %gs, commit batch %d, commit delay %gs", db_path,
-			settings.sync_interval, math.max(settings.batch, 1), settings.batch_delay);
-	else
-		module:log("error", "Archive database %s keeps its earlier settings: %s", db_path, err);
+local settings = connection_settings[db_path] or {};
+connection_settings[db_path] = settings;
+for k, v in pairs(connection_options) do
+	if settings[k] ~= v then
+		local ok, err = db:configure(connection_options);
+		if ok then
+			copy_into(settings, connection_options);
+			module:log("info", "Archive database %s: sync interval %gs, commit batch %d, commit delay %gs", db_path,
+				settings.sync_interval, math.max(settings.batch, 1), settings.batch_delay);
+		else
+			module:log("error", "Archive database %s keeps its earlier settings: %s", db_path, err);
+		end
+		break;
 	end
 end
 module:log("debug", "Archive durability on %s: %s", host, durability);
