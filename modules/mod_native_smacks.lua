@@ -507,17 +507,22 @@ local policy_runner = async.runner(run_policy, {
 });
 
 -- Hands every stanza still held by the session's queue to the policy; the queue is gone afterwards.
+-- The oldest items shifted out of an engine queue until it holds `keep`, as the policy takes them.
+local function shift_items(q, keep)
+	local items = {};
+	while q:count() > keep do
+		local bytes, kind, flags, stamp = q:shift();
+		items[#items + 1] = { bytes, kind, flags, stamp };
+	end
+	return items;
+end
+
 local function discard_queue(session, reason)
 	local queue = session.outgoing_stanza_queue;
 	if not queue then return; end
 	session.outgoing_stanza_queue = nil;
 	session.smacks = false;
-	local items = {};
-	while true do
-		local bytes, kind, flags, stamp = queue.q:shift();
-		if not bytes then break; end
-		items[#items+1] = { bytes, kind, flags, stamp };
-	end
+	local items = shift_items(queue.q, 0);
 	queue.q:close();
 	session.log("debug", "Discarding queue with %d unacked stanzas (%s)", #items, reason);
 	policy_runner:run({ who = snapshot(session); items = items; reason = reason; release = true });
@@ -617,11 +622,8 @@ end
 local function hold_for_hibernation(session)
 	local queue = session.outgoing_stanza_queue;
 	if not queue then return; end
-	local q, items = queue.q, {};
-	while q:count() > queue_size do
-		local bytes, kind, flags, stamp = q:shift();
-		items[#items + 1] = { bytes, kind, flags, stamp };
-	end
+	local q = queue.q;
+	local items = shift_items(q, queue_size);
 	q:set_capacity(queue_size);
 	if #items > 0 then
 		m_evicted:add(#items);
